@@ -1,0 +1,91 @@
+/*
+ * Device side of a virtio split ring: the per-packet work of the gateway.
+ *
+ * Python validates the ring geometry once (SET_VRING_ADDR/NUM) and fills a
+ * struct gw_vq; these calls then move whole bursts with the GIL released.
+ * Every index, address and length read from guest memory is checked here:
+ * the guest writes that memory concurrently and may lie. On the first lie
+ * the queue is marked broken (vq->error != 0) and every later call returns -1.
+ *
+ * This text is read by cffi's cdef too, so it holds only declarations that
+ * cdef understands (no macros with expressions, no inline functions).
+ */
+
+#define GW_MAX_REGIONS 32
+
+/* Error codes left in gw_vq.error; gw_vq.err_detail holds the bad value. */
+#define GW_E_OK 0
+#define GW_E_AVAIL_IDX 1     /* avail->idx ran more than size ahead */
+#define GW_E_HEAD_IDX 2      /* head index from the avail ring >= size */
+#define GW_E_DESC_IDX 3      /* desc.next >= table size */
+#define GW_E_CHAIN_LOOP 4    /* chain longer than the table: a loop */
+#define GW_E_DESC_ADDR 5     /* addr/len not inside guest memory */
+#define GW_E_INDIRECT 6      /* bad indirect table: nested, NEXT with INDIRECT, len not n*16, too long, not negotiated */
+#define GW_E_DIRECTION 7     /* device-writable desc on a TX queue, or read-only on RX */
+
+struct gw_region {
+    uint64_t gpa;       /* guest-physical start */
+    uint64_t size;      /* bytes */
+    uint64_t qva;       /* frontend-virtual start */
+    uint8_t *host;      /* where it is mapped here (mmap base + mmap_offset) */
+};
+
+struct gw_mem {
+    uint32_t nregions;
+    struct gw_region regions[GW_MAX_REGIONS];
+};
+
+struct gw_vq {
+    /* Set by Python before the first burst; not changed by C. */
+    struct gw_mem *mem;
+    uint8_t *desc;              /* host pointers, checked to lie in a region */
+    uint8_t *avail;
+    uint8_t *used;
+    uint16_t size;              /* power of two, 1..32768 */
+    uint8_t hdr_len;            /* virtio-net header: 12 with VERSION_1 or MRG_RXBUF, else 10 */
+    uint8_t mrg_rxbuf;          /* RX frames may span several avail chains (num_buffers) */
+    uint8_t event_idx;          /* VIRTIO_RING_F_EVENT_IDX negotiated */
+    uint8_t indirect;           /* VIRTIO_RING_F_INDIRECT_DESC negotiated */
+    int callfd;                 /* eventfd to interrupt the guest, -1 if none */
+
+    /* Ring position: Python sets it at ring start (SET_VRING_BASE, used->idx)
+       and reads last_avail back for GET_VRING_BASE. */
+    uint16_t last_avail;
+    uint16_t used_idx;          /* our copy of used->idx */
+    uint16_t signalled_used;    /* used_idx when we last interrupted the guest */
+    uint8_t signalled_valid;
+
+    /* Out. */
+    uint32_t error;             /* GW_E_*, sticky */
+    uint64_t err_detail;
+    uint64_t packets;           /* frames moved */
+    uint64_t bytes;             /* frame bytes moved, virtio-net header excluded */
+    uint64_t drop_too_big;      /* TX: frame > cap; RX: frame > guest buffers */
+    uint64_t drop_short;        /* TX: chain holds no more than the header */
+    uint64_t drop_no_buf;       /* not used by C; Python counts RX frames it gave up on */
+};
+
+/* Guest TX -> caller buffers. Pops up to n chains; frame i (header stripped)
+   goes to base + offs[i], at most cap bytes, its length into lens[i].
+   Returns the number of frames written, -1 if the queue is broken. Chains that
+   are dropped (too big, short) are still returned to the used ring. */
+int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
+                   uint32_t cap, uint32_t *lens, unsigned n);
+
+/* Caller frames -> guest RX. Frame i is lens[i] bytes at base + offs[i]; a
+   zeroed virtio-net header (num_buffers set with MRG_RXBUF) goes in front.
+   Returns how many frames were consumed (delivered or dropped as too big),
+   stopping early when the guest has no buffers left; -1 if broken. */
+int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
+                   const uint32_t *lens, unsigned n);
+
+/* Interrupt the guest through callfd if it asked for it (used_event with
+   EVENT_IDX, else VRING_AVAIL_F_NO_INTERRUPT). Returns 1 if signalled. */
+int gw_vq_call(struct gw_vq *vq);
+
+/* Ask the guest to kick (enable=1) or not (enable=0): used->flags, or
+   avail_event with EVENT_IDX. Then a full barrier. Returns gw_vq_pending(). */
+int gw_vq_set_notify(struct gw_vq *vq, int enable);
+
+/* Number of avail entries not yet taken (0..size), -1 if broken. */
+int gw_vq_pending(struct gw_vq *vq);
