@@ -1,0 +1,478 @@
+/*
+ * Device side of a virtio 1.x split ring (see gw_ring.h for the contract).
+ *
+ * Little-endian x86 host only: ring fields are read and written as native
+ * integers. Everything read from the guest is copied into a local first and
+ * checked there, so a guest rewriting its ring under us cannot make us act on
+ * a value we did not check. One chain iterator (chain_next) does all the
+ * descriptor checks; the burst loops only ever see checked descriptors whose
+ * whole [addr, addr+len) range lies in guest memory.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "gw_ring.h"
+
+#define DESC_F_NEXT 1
+#define DESC_F_WRITE 2
+#define DESC_F_INDIRECT 4
+#define USED_F_NO_NOTIFY 1
+#define AVAIL_F_NO_INTERRUPT 1
+
+/* Longest indirect table we follow. The spec bounds a whole chain by the
+   queue size, but Linux builds indirect tables from an skb's fragment count
+   regardless of it, so a fixed, generous bound is kinder and still stops a
+   guest from making us walk gigabytes of "descriptors". */
+#define MAX_INDIRECT 1024
+
+/* Sub-reasons for GW_E_INDIRECT, kept in err_detail bits 32..39; the low 32
+   bits hold the indirect descriptor's len. */
+#define IND_NOT_NEGOTIATED 1
+#define IND_NESTED 2
+#define IND_WITH_NEXT 3
+#define IND_BAD_LEN 4
+
+/* Ring layout offsets (virtio 1.x, 2.7). */
+#define AVAIL_IDX 2
+#define AVAIL_RING(i) (4 + 2 * (size_t)(i))
+#define USED_IDX 2
+#define USED_ELEM(i) (4 + 8 * (size_t)(i))
+
+/* Keeps the compiler from re-reading guest memory in place of a local copy. */
+#define compiler_barrier() __asm__ __volatile__("" ::: "memory")
+
+struct desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+static inline uint16_t ld16(const uint8_t *p)
+{
+    return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED);
+}
+
+static inline void st16(uint8_t *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED);
+}
+
+static inline void st32(uint8_t *p, uint32_t v)
+{
+    __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t min64(uint64_t a, uint64_t b) { return a < b ? a : b; }
+
+/* Record the first error only: it is the one that explains the breakage. */
+static int fail(struct gw_vq *vq, uint32_t code, uint64_t detail)
+{
+    if (!vq->error) {
+        vq->error = code;
+        vq->err_detail = detail;
+    }
+    return -1;
+}
+
+/* GPA -> host pointer; *room = bytes left in that region from gpa. */
+static uint8_t *xlate(const struct gw_mem *m, uint64_t gpa, uint64_t *room)
+{
+    uint32_t n = m->nregions < GW_MAX_REGIONS ? m->nregions : GW_MAX_REGIONS;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct gw_region *r = &m->regions[i];
+        if (gpa >= r->gpa && gpa - r->gpa < r->size) {
+            *room = r->size - (gpa - r->gpa);
+            return r->host + (gpa - r->gpa);
+        }
+    }
+    return NULL;
+}
+
+/* Is every byte of [gpa, gpa+len) in some region? Regions may be adjacent,
+   so the range may be covered piecewise. */
+static int range_ok(const struct gw_mem *m, uint64_t gpa, uint64_t len)
+{
+    if (len && gpa > UINT64_MAX - (len - 1))
+        return 0;                               /* addr + len wraps */
+    while (len) {
+        uint64_t room;
+        if (!xlate(m, gpa, &room))
+            return 0;
+        if (room >= len)
+            return 1;
+        gpa += room;
+        len -= room;
+    }
+    return 1;
+}
+
+/* The two copies below run only on ranges range_ok() accepted. */
+static void copy_from_guest(const struct gw_mem *m, void *dst, uint64_t gpa, uint64_t len)
+{
+    uint8_t *d = dst;
+    while (len) {
+        uint64_t room;
+        uint8_t *h = xlate(m, gpa, &room);
+        uint64_t k = min64(len, room);
+        memcpy(d, h, k);
+        d += k;
+        gpa += k;
+        len -= k;
+    }
+}
+
+/* ---- descriptor chain iterator ---------------------------------------- */
+
+struct chain {
+    struct gw_vq *vq;
+    uint64_t ind_gpa;       /* indirect table GPA, when in_indirect */
+    uint32_t tsize;         /* entries in the current table */
+    uint32_t idx;           /* next entry to read */
+    uint32_t count;         /* entries read from the current table */
+    uint8_t more;           /* idx is valid: the previous desc had NEXT */
+    uint8_t in_indirect;
+};
+
+static int chain_start(struct chain *c, struct gw_vq *vq, uint16_t head)
+{
+    if (head >= vq->size)
+        return fail(vq, GW_E_HEAD_IDX, head);
+    c->vq = vq;
+    c->ind_gpa = 0;
+    c->tsize = vq->size;
+    c->idx = head;
+    c->count = 0;
+    c->more = 1;
+    c->in_indirect = 0;
+    return 0;
+}
+
+/* Yields the next data descriptor, fully checked: 1 = *d valid, 0 = end of
+   chain, -1 = guest error (queue now broken). An indirect descriptor is
+   followed, never yielded. */
+static int chain_next(struct chain *c, struct desc *d)
+{
+    struct gw_vq *vq = c->vq;
+
+    for (;;) {
+        if (!c->more)
+            return 0;
+        /* A chain can use each table entry once; more means a loop. */
+        if (++c->count > c->tsize)
+            return fail(vq, GW_E_CHAIN_LOOP, c->count);
+        if (c->in_indirect)
+            copy_from_guest(vq->mem, d, c->ind_gpa + 16 * (uint64_t)c->idx, 16);
+        else
+            memcpy(d, vq->desc + 16 * (size_t)c->idx, 16);
+        compiler_barrier();
+
+        if (d->flags & DESC_F_INDIRECT) {
+            uint64_t why = 0;
+            if (!vq->indirect)
+                why = IND_NOT_NEGOTIATED;
+            else if (c->in_indirect)
+                why = IND_NESTED;
+            else if (d->flags & DESC_F_NEXT)
+                why = IND_WITH_NEXT;
+            else if (d->len == 0 || d->len % 16 || d->len / 16 > MAX_INDIRECT)
+                why = IND_BAD_LEN;
+            if (why)
+                return fail(vq, GW_E_INDIRECT, why << 32 | d->len);
+            if (!range_ok(vq->mem, d->addr, d->len))
+                return fail(vq, GW_E_DESC_ADDR, d->addr);
+            /* The WRITE flag of the table descriptor itself means nothing. */
+            c->ind_gpa = d->addr;
+            c->tsize = d->len / 16;
+            c->idx = 0;
+            c->count = 0;
+            c->in_indirect = 1;
+            continue;
+        }
+        if (d->flags & DESC_F_NEXT) {
+            if (d->next >= c->tsize)
+                return fail(vq, GW_E_DESC_IDX, d->next);
+            c->idx = d->next;
+        } else {
+            c->more = 0;
+        }
+        if (!range_ok(vq->mem, d->addr, d->len))
+            return fail(vq, GW_E_DESC_ADDR, d->addr);
+        return 1;
+    }
+}
+
+/* ---- avail / used ------------------------------------------------------ */
+
+/* Entries the guest has made available; acquire pairs with the guest's
+   release of avail->idx so the ring entries and descriptors are visible. */
+static int avail_count(struct gw_vq *vq)
+{
+    uint16_t idx = __atomic_load_n((uint16_t *)(vq->avail + AVAIL_IDX), __ATOMIC_ACQUIRE);
+    uint16_t n = (uint16_t)(idx - vq->last_avail);
+    if (n > vq->size)
+        return fail(vq, GW_E_AVAIL_IDX, idx);
+    return n;
+}
+
+static uint16_t avail_head(struct gw_vq *vq, uint16_t pos)
+{
+    return ld16(vq->avail + AVAIL_RING(pos & (vq->size - 1)));
+}
+
+static void used_put(struct gw_vq *vq, uint16_t pos, uint16_t id, uint32_t len)
+{
+    uint8_t *e = vq->used + USED_ELEM(pos & (vq->size - 1));
+    st32(e, id);
+    st32(e + 4, len);
+}
+
+/* Release: the guest must see the used entries (and the data we wrote into
+   its buffers) before it sees the new index. */
+static void used_publish(struct gw_vq *vq, uint16_t used_idx)
+{
+    if (used_idx != vq->used_idx)
+        __atomic_store_n((uint16_t *)(vq->used + USED_IDX), used_idx, __ATOMIC_RELEASE);
+    vq->used_idx = used_idx;
+}
+
+int gw_vq_pending(struct gw_vq *vq)
+{
+    if (vq->error)
+        return -1;
+    return avail_count(vq);
+}
+
+/* ---- TX: guest -> us --------------------------------------------------- */
+
+int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
+                   uint32_t cap, uint32_t *lens, unsigned n)
+{
+    if (vq->error)
+        return -1;
+    int avail = avail_count(vq);                /* one snapshot per burst */
+    if (avail < 0)
+        return -1;
+
+    uint16_t last = vq->last_avail, used = vq->used_idx;
+    unsigned got = 0;
+    uint64_t bytes = 0, too_big = 0, short_ = 0;
+
+    /* Dropped chains use no output slot, so stop on either limit. */
+    for (int taken = 0; taken < avail && got < n; taken++) {
+        uint16_t head = avail_head(vq, last);
+        struct chain c;
+        struct desc d;
+        uint64_t skip = vq->hdr_len, flen = 0;
+        uint8_t *dst = base + offs[got];
+        int r;
+
+        if (chain_start(&c, vq, head) < 0)
+            return -1;
+        /* Walk the whole chain even past cap, so every chain we hand back
+           was fully checked. The header may span descriptors (ANY_LAYOUT). */
+        while ((r = chain_next(&c, &d)) > 0) {
+            uint64_t a = d.addr, l = d.len;
+            if (d.flags & DESC_F_WRITE)
+                return fail(vq, GW_E_DIRECTION, d.flags);
+            if (skip) {
+                uint64_t s = min64(skip, l);
+                a += s;
+                l -= s;
+                skip -= s;
+            }
+            if (l && flen < cap)
+                copy_from_guest(vq->mem, dst + flen, a, min64(l, cap - flen));
+            flen += l;
+        }
+        if (r < 0)
+            return -1;
+
+        used_put(vq, used++, head, 0);          /* TX used len: nothing written */
+        last++;
+        if (flen > cap) {
+            too_big++;
+        } else if (flen == 0) {
+            short_++;
+        } else {
+            lens[got++] = (uint32_t)flen;
+            bytes += flen;
+        }
+    }
+
+    vq->last_avail = last;
+    used_publish(vq, used);
+    vq->packets += got;
+    vq->bytes += bytes;
+    vq->drop_too_big += too_big;
+    vq->drop_short += short_;
+    return (int)got;
+}
+
+/* ---- RX: us -> guest --------------------------------------------------- */
+
+/* Writes header ++ frame into guest buffers, one descriptor at a time, and
+   remembers where num_buffers landed (it can only be filled in at the end,
+   and a tiny first descriptor may even split it). */
+struct rx_writer {
+    const struct gw_mem *mem;
+    const uint8_t *frame;
+    uint64_t hdr_len, total, pos;   /* pos: bytes of header ++ frame written */
+    uint8_t *nb[2];                 /* host addresses of num_buffers bytes */
+};
+
+static uint64_t rx_put(struct rx_writer *w, uint64_t gpa, uint64_t len)
+{
+    uint64_t n = min64(len, w->total - w->pos), done = n;
+
+    while (n) {
+        uint64_t room;
+        uint8_t *h = xlate(w->mem, gpa, &room);
+        uint64_t k = min64(n, room), hk = 0;
+        if (w->pos < w->hdr_len) {
+            hk = min64(k, w->hdr_len - w->pos);
+            memset(h, 0, hk);
+            for (int b = 0; b < 2; b++)
+                if (10 + (uint64_t)b >= w->pos && 10 + (uint64_t)b < w->pos + hk)
+                    w->nb[b] = h + (10 + b - w->pos);
+        }
+        if (k > hk)
+            memcpy(h + hk, w->frame + (w->pos + hk - w->hdr_len), k - hk);
+        w->pos += k;
+        gpa += k;
+        n -= k;
+    }
+    return done;
+}
+
+int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
+                   const uint32_t *lens, unsigned n)
+{
+    if (vq->error)
+        return -1;
+    int avail = avail_count(vq);                /* one snapshot per burst */
+    if (avail < 0)
+        return -1;
+
+    uint16_t last = vq->last_avail, used = vq->used_idx;
+    int taken = 0;
+    unsigned i;
+    uint64_t packets = 0, bytes = 0, too_big = 0;
+
+    for (i = 0; i < n; i++) {
+        struct rx_writer w = { vq->mem, base + offs[i], vq->hdr_len,
+                               (uint64_t)vq->hdr_len + lens[i], 0, { NULL, NULL } };
+        uint16_t last0 = last, used0 = used;
+        int taken0 = taken, nbufs = 0, fits = 1;
+
+        while (w.pos < w.total) {
+            if (taken == avail) {
+                /* Out of guest buffers mid-frame: forget this frame's chains
+                   (nothing of it is published) and retry it next burst. */
+                last = last0;
+                used = used0;
+                taken = taken0;
+                goto out;
+            }
+            uint16_t head = avail_head(vq, last);
+            struct chain c;
+            struct desc d;
+            uint64_t wrote = 0;
+            int r;
+
+            if (chain_start(&c, vq, head) < 0)
+                return -1;
+            while ((r = chain_next(&c, &d)) > 0) {
+                if (!(d.flags & DESC_F_WRITE))
+                    return fail(vq, GW_E_DIRECTION, d.flags);
+                wrote += rx_put(&w, d.addr, d.len);
+            }
+            if (r < 0)
+                return -1;
+            if (!vq->mrg_rxbuf && w.pos < w.total) {
+                /* Without MRG_RXBUF a frame must fit one chain. The chain
+                   stays available for the next frame; the bytes we left in
+                   it are garbage the guest never sees. */
+                fits = 0;
+                break;
+            }
+            used_put(vq, used++, head, (uint32_t)wrote);
+            last++;
+            taken++;
+            nbufs++;
+        }
+        if (!fits) {
+            too_big++;
+            continue;
+        }
+        /* num_buffers exists with a 12-byte header; without MRG_RXBUF the
+           spec wants it to be 1, which is what nbufs is then. */
+        if (w.nb[0])
+            *w.nb[0] = (uint8_t)nbufs;
+        if (w.nb[1])
+            *w.nb[1] = (uint8_t)(nbufs >> 8);
+        packets++;
+        bytes += lens[i];
+    }
+out:
+    vq->last_avail = last;
+    used_publish(vq, used);
+    vq->packets += packets;
+    vq->bytes += bytes;
+    vq->drop_too_big += too_big;
+    return (int)i;
+}
+
+/* ---- notifications ----------------------------------------------------- */
+
+/* virtio 2.7.10: has new_idx passed event since we were at old? */
+static int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
+{
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
+
+int gw_vq_call(struct gw_vq *vq)
+{
+    if (vq->error)
+        return -1;
+    uint16_t now = vq->used_idx, old = vq->signalled_used;
+    int valid = vq->signalled_valid, need;
+
+    if (valid && now == old)
+        return 0;                               /* nothing new for the guest */
+    /* Our used->idx store must be visible before we read the guest's wish,
+       else we can miss an interrupt it asked for in between. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (vq->event_idx)
+        need = !valid || need_event(ld16(vq->avail + AVAIL_RING(vq->size)), now, old);
+    else
+        need = !(ld16(vq->avail) & AVAIL_F_NO_INTERRUPT);
+    vq->signalled_used = now;
+    vq->signalled_valid = 1;
+    if (need && vq->callfd >= 0) {
+        uint64_t one = 1;
+        if (write(vq->callfd, &one, sizeof one) < 0) {
+            /* EAGAIN: counter saturated, the guest is signalled anyway. */
+        }
+    }
+    return need;
+}
+
+int gw_vq_set_notify(struct gw_vq *vq, int enable)
+{
+    if (vq->error)
+        return -1;
+    if (vq->event_idx) {
+        /* Kick us as soon as anything past what we have taken is added. */
+        if (enable)
+            st16(vq->used + USED_ELEM(vq->size), vq->last_avail);
+    } else {
+        uint16_t f = ld16(vq->used);
+        st16(vq->used, enable ? f & ~USED_F_NO_NOTIFY : f | USED_F_NO_NOTIFY);
+    }
+    /* The flag store must be visible before we re-check avail->idx, or a
+       buffer added just before the guest saw it would wait for no kick. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return gw_vq_pending(vq);
+}
