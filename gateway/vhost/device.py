@@ -1,0 +1,273 @@
+"""A named virtio-net device: what outlives any one front-end connection.
+
+The device keeps its name, queue count, offered features and port for its
+whole life, so a front-end that reconnects gets the same device and the same
+feature offer. Per connection it turns the negotiated ring set-up into
+VirtQueues and one worker per queue pair, and fires the registry's
+new/destroy callbacks when queue pair 0 starts or stops moving frames (the
+seed's rule: both rings of the first pair have a back-end).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from gateway.datapath.port import Port
+from gateway.datapath.worker import QueuePairWorker
+from gateway.vhost.backend import Refused, VhostConnection
+from gateway.vhost.memory import MemoryTableError
+from gateway.vhost.protocol import ProtocolError
+from gateway.virtio import features as vf
+from gateway.virtio.features import Net
+from gateway.virtio.ring import RingBroken, VirtQueue, ring_sizes
+
+if TYPE_CHECKING:
+    from gateway.registry import Registry
+
+log = logging.getLogger(__name__)
+
+ALIGN = {"desc": 16, "avail": 2, "used": 4}
+
+
+class VhostDevice:
+    def __init__(
+        self,
+        name: str,
+        *,
+        port: Port,
+        queue_pairs: int = 1,
+        features: int = vf.SUPPORTED_FEATURES,
+        protocol_features: int = vf.SUPPORTED_PROTOCOL_FEATURES,
+        max_mtu: int = 65535,
+        registry: Registry | None = None,
+    ) -> None:
+        if not 1 <= queue_pairs <= 128:
+            raise ValueError(f"queue pairs must be 1..128, not {queue_pairs}")
+        self.name = name
+        self.port = port
+        self.queue_pairs = queue_pairs
+        self.features = features
+        self.protocol_features = protocol_features
+        self.max_mtu = max_mtu
+        self.registry = registry
+        self.conn: VhostConnection | None = None
+        self.workers: dict[int, tuple[QueuePairWorker, tuple]] = {}
+        self.running = False
+        self.broken_reason: str | None = None
+        self.negotiated_features = 0
+        self.counters = {"rx_packets": 0, "rx_bytes": 0, "tx_packets": 0, "tx_bytes": 0}
+        self.drops = {"tx_too_big": 0, "tx_short": 0, "rx_too_big": 0}
+        self._no_notify: set[int] = set()  # ring indexes the application polls
+        self._ever_negotiated = False
+        self._rarp: list[bytes] = []
+        # Set by the transport: closes the connection from any thread.
+        self.on_fatal: Callable[[str], None] = lambda reason: None
+        self._lock = threading.Lock()
+
+    # -- public API (the seed's per-device calls) -------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.broken_reason:
+            return "broken"
+        return "running" if self.running else "waiting"
+
+    def enable_guest_notification(self, queue_id: int, enable: bool) -> None:
+        """The seed's rte_vhost_enable_guest_notification: with enable=False the
+        guest is asked not to kick this ring and the worker polls it instead."""
+        if not 0 <= queue_id < 2 * self.queue_pairs:
+            raise ValueError(f"{self.name}: no queue {queue_id}")
+        if enable:
+            self._no_notify.discard(queue_id)
+        else:
+            self._no_notify.add(queue_id)
+
+    def feature_enable(self, mask: int) -> None:
+        """Offer more features; only supported bits, and only before any front-end
+        negotiated, so a reconnecting front-end sees the same offer."""
+        self._check_feature_change()
+        if mask & ~vf.SUPPORTED_FEATURES:
+            raise ValueError(f"unsupported features: {vf.names(mask & ~vf.SUPPORTED_FEATURES)}")
+        self.features |= mask
+
+    def feature_disable(self, mask: int) -> None:
+        self._check_feature_change()
+        self.features &= ~mask
+
+    def stats(self) -> dict:
+        """Counters of all connections so far plus the live workers."""
+        with self._lock:
+            out = dict(self.counters)
+            drops = dict(self.drops)
+            for w, _ in self.workers.values():
+                _add_worker_stats(out, drops, w)
+        out["drops"] = drops
+        return out
+
+    # -- called by the connection (backend.Device protocol) ---------------------
+
+    def attach(self, conn: VhostConnection) -> None:
+        if self.conn is not None and not self.conn.closed:
+            raise RuntimeError(f"{self.name} already has a front-end")
+        self.conn = conn
+        self.broken_reason = None
+
+    def detach(self, conn: VhostConnection) -> None:
+        conn.close()
+        if self.conn is conn:
+            if conn.features_set:
+                self.negotiated_features = 0
+            self.conn = None
+
+    def pause(self, conn: VhostConnection, qps: set[int] | None) -> None:
+        for qp in list(self.workers):
+            if qps is None or qp in qps:
+                self._stop_worker(conn, qp)
+
+    def apply(self, conn: VhostConnection) -> None:
+        if conn.features_set:
+            self.negotiated_features = conn.acked_features
+            self._ever_negotiated = True
+        for qp in range(self.queue_pairs):
+            rx, tx = conn.rings[2 * qp], conn.rings[2 * qp + 1]
+            want = (
+                not conn.closed
+                and self.broken_reason is None
+                and conn.ring_runs(rx)
+                and conn.ring_runs(tx)
+            )
+            key = (rx.version, tx.version, conn.memory.version, conn.acked_features)
+            if qp in self.workers and (not want or self.workers[qp][1] != key):
+                self._stop_worker(conn, qp)
+            if want and qp not in self.workers:
+                self._start_worker(conn, qp, key)
+        self._set_running(0 in self.workers)
+
+    def set_mtu(self, mtu: int) -> None:
+        if mtu > self.max_mtu:
+            raise Refused(f"MTU {mtu} is larger than {self.name} can carry ({self.max_mtu})")
+
+    def send_rarp(self, mac: bytes) -> None:
+        """After a migration the front-end asks us to announce the guest's MAC."""
+        frame = rarp_frame(mac)
+        if 0 in self.workers:
+            self.workers[0][0].post(frame)
+        else:
+            self._rarp.append(frame)
+
+    # -- internals ----------------------------------------------------------------
+
+    def _check_feature_change(self) -> None:
+        if self._ever_negotiated:
+            raise RuntimeError(
+                f"{self.name}: features are fixed once a front-end negotiated them"
+            )
+
+    def _set_running(self, running: bool) -> None:
+        if running == self.running:
+            return
+        self.running = running
+        log.info("%s: %s", self.name, "running" if running else "stopped")
+        if self.registry is not None:
+            self.registry.notify(self, running)
+
+    def _vq(self, conn: VhostConnection, index: int) -> VirtQueue:
+        ring = conn.rings[index]
+        size, addr = ring.size, ring.addr
+        assert size is not None and addr is not None  # ring_runs checked
+        hosts = {}
+        for (what, qva), length in zip(
+            (("desc", addr.desc), ("avail", addr.avail), ("used", addr.used)),
+            ring_sizes(size),
+            strict=True,
+        ):
+            if qva % ALIGN[what]:
+                raise ProtocolError(f"ring {index}: {what} address {qva:#x} is misaligned")
+            try:
+                hosts[what] = conn.memory.qva_to_host(qva, length)
+            except MemoryTableError as e:
+                raise ProtocolError(f"ring {index}: {what} ring: {e}") from None
+        acked = conn.acked_features
+        return VirtQueue(
+            mem=conn.memory.native,
+            size=size,
+            desc=hosts["desc"],
+            avail=hosts["avail"],
+            used=hosts["used"],
+            last_avail=ring.base,
+            hdr_len=vf.net_hdr_len(acked),
+            mrg_rxbuf=bool(acked >> Net.MRG_RXBUF & 1),
+            event_idx=bool(acked >> Net.RING_EVENT_IDX & 1),
+            indirect=bool(acked >> Net.RING_INDIRECT_DESC & 1),
+            callfd=-1 if ring.call is None else ring.call,
+        )
+
+    def _start_worker(self, conn: VhostConnection, qp: int, key: tuple) -> None:
+        rx, tx = conn.rings[2 * qp], conn.rings[2 * qp + 1]
+        rxq, txq = self._vq(conn, rx.index), self._vq(conn, tx.index)
+        w = QueuePairWorker(
+            f"{self.name}/q{qp}",
+            rxq=rxq,
+            txq=txq,
+            rx_kick=None if rx.polling else rx.kick,
+            tx_kick=None if tx.polling else tx.kick,
+            port=self.port.queue(qp),
+            on_broken=lambda reason, qp=qp: self._broken(qp, reason),
+            notify=lambda: (rx.index not in self._no_notify, tx.index not in self._no_notify),
+        )
+        if qp == 0:
+            for frame in self._rarp:
+                w.post(frame)
+            self._rarp.clear()
+        with self._lock:
+            self.workers[qp] = (w, key)
+        w.start()
+
+    def _stop_worker(self, conn: VhostConnection, qp: int) -> None:
+        w, _ = self.workers[qp]
+        w.stop()
+        with self._lock:
+            del self.workers[qp]
+            _add_worker_stats(self.counters, self.drops, w)
+        conn.rings[2 * qp].base = w.rxq.last_avail
+        conn.rings[2 * qp + 1].base = w.txq.last_avail
+
+    def _broken(self, qp: int, reason: str) -> None:
+        """A worker found the guest lying. Runs on the worker's thread."""
+        self.broken_reason = f"queue pair {qp}: {reason}"
+        log.error("%s: broken: %s", self.name, self.broken_reason)
+        conn = self.conn
+        if conn is not None:
+            for ring in (conn.rings[2 * qp], conn.rings[2 * qp + 1]):
+                if ring.err is not None:
+                    try:
+                        os.eventfd_write(ring.err, 1)
+                    except OSError:
+                        pass
+        self.on_fatal(self.broken_reason)
+
+
+def _add_worker_stats(counters: dict, drops: dict, w: QueuePairWorker) -> None:
+    rx, tx = w.rxq.stats, w.txq.stats
+    counters["rx_packets"] += rx["packets"]
+    counters["rx_bytes"] += rx["bytes"]
+    counters["tx_packets"] += tx["packets"]
+    counters["tx_bytes"] += tx["bytes"]
+    drops["tx_too_big"] += tx["drop_too_big"]
+    drops["tx_short"] += tx["drop_short"]
+    drops["rx_too_big"] += rx["drop_too_big"]
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """A RARP request announcing `mac`, as QEMU's self-announce sends it."""
+    eth = b"\xff" * 6 + mac + b"\x80\x35"
+    body = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 3) + mac + b"\0" * 4 + mac + b"\0" * 4
+    return (eth + body).ljust(60, b"\0")
+
+
+__all__ = ["VhostDevice", "RingBroken", "rarp_frame"]
