@@ -11,10 +11,17 @@ import os
 import struct
 
 import pytest
-from gateway._native import ffi, lib
 
 from gateway.testing.vring_driver import F_INDIRECT, F_NEXT, F_WRITE, DriverRing
-from gateway.virtio.ring import FrameBuffer, RingBroken, VirtQueue, ring_sizes, valid_size
+from gateway.virtio.ring import (
+    FrameBuffer,
+    RingBroken,
+    VirtQueue,
+    ffi,
+    lib,
+    ring_sizes,
+    valid_size,
+)
 
 MEM = 1 << 20
 RING_GPA = 0x1000
@@ -42,6 +49,8 @@ class Env:
             r.gpa, r.size, r.qva, r.host = gpa, rsize, gpa, self.host + hoff
         self.drv = DriverRing(self.map, RING_GPA, size, BUF_GPA, SLOT,
                               event_idx=vq_kw.get("event_idx", False))
+        # Stale bytes in every data slot: RX must overwrite the header, not rely on zeros.
+        self.map[BUF_GPA : BUF_GPA + size * SLOT] = b"\x5a" * (size * SLOT)
         self.hdr_len = hdr_len
         self.vq = self.queue(size=size, hdr_len=hdr_len, **vq_kw)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 
+# Re-exported: callers build their struct gw_mem with the same ffi.
 from gateway._native import ffi, lib
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "FrameBuffer",
     "RingBroken",
     "VirtQueue",
+    "ffi",
+    "lib",
     "ring_sizes",
     "valid_size",
 ]
