@@ -320,8 +320,13 @@ class Frontend:
     def release(self) -> None:
         """Close everything, guest memory included."""
         self.close()
+        for ring in self.rings:
+            ring.mem.release()
         self.rings = []
-        self.mem.close()
+        try:
+            self.mem.close()
+        except BufferError:
+            pass  # a view is still held (say, by a traceback): the GC unmaps it later
         os.close(self.memfd)
 
     def __enter__(self) -> Frontend:

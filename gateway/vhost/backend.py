@@ -101,6 +101,7 @@ class VhostConnection:
 
     def __post_init__(self) -> None:
         self.reader = p.MessageReader()
+        self._unsent = bytearray()
         self.rings = [Ring(i) for i in range(2 * self.device.queue_pairs)]
 
     # -- driven by the transport -------------------------------------------------
@@ -112,13 +113,19 @@ class VhostConnection:
                 _close(fd)
             raise ProtocolError("connection already closed")
         self.reader.feed(data, fds)
-        out = bytearray()
+        out = self._unsent
         while (msg := self.reader.next_message()) is not None:
             try:
                 out += self._dispatch(msg)
             finally:
                 msg.close_fds()  # whatever a handler did not take
-        return bytes(out)
+        return self.take_unsent()
+
+    def take_unsent(self) -> bytes:
+        """Replies to the messages handled before a ProtocolError: the front-end
+        should still see them before the connection closes."""
+        out, self._unsent = bytes(self._unsent), bytearray()
+        return out
 
     def close(self) -> None:
         """Tear down: stop the data path, release fds and mappings. Idempotent."""
@@ -127,14 +134,13 @@ class VhostConnection:
         self.closed = True
         try:
             self.device.pause(self, None)
-            for r in self.rings:
-                r.state = RingState.STOPPED
-            self.device.apply(self)
         finally:
             for r in self.rings:
+                r.state = RingState.STOPPED
                 r.close_fds()
             self.memory.close()
             self.reader.close()
+        self.device.apply(self)  # after the release, so destroy_device sees it all gone
 
     # -- queries ----------------------------------------------------------------
 

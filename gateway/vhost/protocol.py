@@ -222,11 +222,13 @@ class MessageReader:
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._pending_fds: list[int] = []
+        self._start = 0  # stream offset of _buf[0]
+        self._pending_fds: list[tuple[int, int]] = []  # (stream offset of its chunk, fd)
         self._dead = False
 
     def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
-        self._pending_fds.extend(fds)
+        at = self._start + len(self._buf)
+        self._pending_fds.extend((at, fd) for fd in fds)
         self._buf += data
 
     def next_message(self) -> Message | None:
@@ -254,7 +256,9 @@ class MessageReader:
             return None
         payload = bytes(self._buf[HEADER.size : HEADER.size + size])
         del self._buf[: HEADER.size + size]
-        fds, self._pending_fds = self._pending_fds, []
+        self._start += HEADER.size + size
+        fds = [fd for at, fd in self._pending_fds if at < self._start]
+        self._pending_fds = [(at, fd) for at, fd in self._pending_fds if at >= self._start]
         msg = Message(req, flags, payload, fds)
         try:
             if len(fds) > MAX_FDS:
@@ -277,7 +281,7 @@ class MessageReader:
 
     def close(self) -> None:
         while self._pending_fds:
-            _close(self._pending_fds.pop())
+            _close(self._pending_fds.pop()[1])
         self._buf.clear()
 
 

@@ -232,6 +232,8 @@ class VhostService:
                 sock.sendall(reply)
         except ProtocolError as e:
             log.error("%s: protocol error: %s; closing the connection", ep.device.name, e)
+            with contextlib.suppress(OSError):
+                sock.sendall(conn.take_unsent())
             self._disconnect(ep, f"protocol error: {e}")
         except OSError as e:
             self._disconnect(ep, f"socket error: {e.strerror or e}")
@@ -248,11 +250,9 @@ class VhostService:
         ep.session_over.set()
         asyncio.get_running_loop().remove_reader(sock)
         log.info("%s: front-end disconnected: %s", ep.device.name, reason)
-        try:
-            if conn is not None:
-                ep.device.detach(conn)
-        finally:
-            sock.close()
+        sock.close()
+        if conn is not None:
+            ep.device.detach(conn)
 
 
 def _bind(path: str) -> socket.socket:

@@ -1,0 +1,296 @@
+"""The back-end end to end over real unix sockets, with the Python front-end."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+
+import pytest
+
+from gateway.datapath.port import MemoryPort
+from gateway.registry import Registry
+from gateway.testing.frontend import Frontend, FrontendError
+from gateway.vhost import protocol as p
+from gateway.vhost.protocol import Request
+from gateway.vhost.transport import SocketInUse, VhostService
+from gateway.virtio import features as vf
+from gateway.virtio.features import Net
+
+TIMEOUT = 10
+
+
+class Events:
+    """new/destroy callbacks as awaitable events."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.log: list[tuple[str, str]] = []
+        self._cond = threading.Condition()
+        registry.register_callbacks(
+            lambda d: self._add("new", d.name), lambda d: self._add("destroy", d.name)
+        )
+
+    def _add(self, kind: str, name: str) -> None:
+        with self._cond:
+            self.log.append((kind, name))
+            self._cond.notify_all()
+
+    def wait(self, kind: str, name: str, count: int = 1) -> None:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self.log.count((kind, name)) >= count, TIMEOUT)
+        assert ok, f"no {kind} for {name} (log: {self.log})"
+
+
+@pytest.fixture
+def gw(tmp_path):
+    class Gw:
+        registry = Registry()
+        events = Events(registry)
+        service = VhostService().start()
+        ports: dict[str, MemoryPort] = {}
+
+        def device(self, name="vm0", queue_pairs=1, client=False):
+            port = MemoryPort()
+            self.ports[name] = port
+            dev = self.registry.create(name, port, queue_pairs=queue_pairs)
+            path = str(tmp_path / f"{name}.sock")
+            if client:
+                self.service.connect(dev, path)
+            else:
+                self.service.listen(dev, path)
+            return dev, port, path
+
+    g = Gw()
+    yield g
+    g.service.stop()
+    for port in g.ports.values():
+        port.close()
+
+
+def frames_of(n: int, size: int = 60, seed: int = 0) -> list[bytes]:
+    return [struct.pack("!I", seed + i) + bytes((seed + i + k) & 0xFF for k in range(size - 4))
+            for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    "want, split",
+    [
+        (None, False),  # everything: VERSION_1, MRG_RXBUF, EVENT_IDX, 12-byte header
+        (None, True),  # header split over two descriptors (ANY_LAYOUT)
+        (1 << Net.PROTOCOL_FEATURES, False),  # legacy: 10-byte header, no EVENT_IDX
+        (vf.SUPPORTED_FEATURES & ~(1 << Net.RING_EVENT_IDX), False),
+    ],
+    ids=["all", "split-header", "legacy-10-byte-header", "no-event-idx"],
+)
+def test_guest_tx_frames_arrive_intact(gw, want, split):
+    dev, port, path = gw.device()
+    with Frontend(path, want=want) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+        assert fe.hdr_len == (10 if want == 1 << Net.PROTOCOL_FEATURES else 12)
+        sent = frames_of(300, 200)  # more than the ring holds: it must wrap
+        for i in range(0, len(sent), 60):  # 3 descriptors each at most: fits 256
+            fe.transmit(sent[i : i + 60], split_header=split)
+            fe.wait_tx_done(60)
+        assert port.queue(0).wait_received(300, TIMEOUT) == sent
+        assert dev.stats()["tx_packets"] == 300
+        assert fe.get_vring_base(1) == 300
+
+
+@pytest.mark.parametrize("mrg", [True, False])
+def test_injected_frames_reach_the_guest(gw, mrg):
+    want = None if mrg else vf.SUPPORTED_FEATURES & ~(1 << Net.MRG_RXBUF)
+    dev, port, path = gw.device()
+    with Frontend(path, want=want) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+        frames = frames_of(50, 1514)
+        if mrg:
+            frames += frames_of(5, 3000, seed=100)  # needs two 2048-byte buffers each
+        fe.post_rx(200)
+        port.queue(0).inject(frames)
+        assert fe.receive(len(frames)) == frames
+        stats = dev.stats()
+        assert stats["rx_packets"] == len(frames)
+        assert stats["rx_bytes"] == sum(map(len, frames))
+
+
+def test_rx_waits_for_guest_buffers(gw):
+    dev, port, path = gw.device()
+    with Frontend(path) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+        frames = frames_of(30)
+        port.queue(0).inject(frames)
+        fe.post_rx(10)
+        got = fe.receive(10)
+        fe.post_rx(20)  # the rest waited in the back-end for these
+        got += fe.receive(20)
+        assert got == frames
+
+
+def test_frame_too_big_for_guest_buffers_is_dropped_and_counted(gw):
+    want = vf.SUPPORTED_FEATURES & ~(1 << Net.MRG_RXBUF)
+    dev, port, path = gw.device()
+    with Frontend(path, want=want) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+        fe.post_rx(4)
+        port.queue(0).inject([b"\x01" * 3000, b"\x02" * 100])
+        assert fe.receive(1) == [b"\x02" * 100]
+        assert dev.stats()["drops"]["rx_too_big"] == 1
+
+
+def test_two_queue_pairs_move_frames_independently(gw):
+    dev, port, path = gw.device(queue_pairs=2)
+    with Frontend(path, queue_pairs=2) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+        for qp in (0, 1):
+            fe.transmit(frames_of(20, seed=qp * 1000), qp=qp)
+            assert port.queue(qp).wait_received(20, TIMEOUT) == frames_of(20, seed=qp * 1000)
+            fe.post_rx(20, qp=qp)
+            port.queue(qp).inject(frames_of(20, 100, seed=qp))
+            assert fe.receive(20, qp=qp) == frames_of(20, 100, seed=qp)
+        assert len(dev.workers) == 2
+
+
+def test_memory_by_add_mem_reg(gw):
+    dev, port, path = gw.device()
+    with Frontend(path, add_mem_reg=True, regions=4) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+        fe.transmit(frames_of(10))
+        assert port.queue(0).wait_received(10, TIMEOUT) == frames_of(10)
+
+
+def test_destroy_fires_when_the_front_end_stops_a_ring(gw):
+    dev, port, path = gw.device()
+    with Frontend(path) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+        assert dev.state == "running"
+        fe.get_vring_base(0)
+        gw.events.wait("destroy", "vm0")
+        assert dev.state == "waiting"
+
+
+def test_server_mode_reconnect_gets_the_same_device(gw):
+    dev, port, path = gw.device()
+    offers = []
+    for round_ in range(3):
+        with Frontend(path) as fe:
+            fe.connect().setup()
+            gw.events.wait("new", "vm0", round_ + 1)
+            offers.append(fe.get_u64(Request.GET_FEATURES))
+            fe.transmit(frames_of(5, seed=round_))
+            assert port.queue(0).wait_received(5, TIMEOUT) == frames_of(5, seed=round_)
+        gw.events.wait("destroy", "vm0", round_ + 1)
+    assert len(set(offers)) == 1
+    assert gw.registry.get("vm0") is dev
+    assert dev.stats()["tx_packets"] == 15
+
+
+def test_client_mode_reconnects_with_backoff(gw, tmp_path):
+    dev, port, path = gw.device(client=True)
+    offers = []
+    for round_ in range(3):  # the "QEMU" side goes away and comes back
+        with Frontend(path, server=True) as fe:
+            fe.connect().setup()
+            gw.events.wait("new", "vm0", round_ + 1)
+            offers.append(fe.get_u64(Request.GET_FEATURES))
+            fe.transmit(frames_of(5, seed=round_))
+            assert port.queue(0).wait_received(5, TIMEOUT) == frames_of(5, seed=round_)
+        gw.events.wait("destroy", "vm0", round_ + 1)
+    assert len(set(offers)) == 1
+
+
+def test_a_second_front_end_is_refused_while_one_is_connected(gw):
+    dev, port, path = gw.device()
+    with Frontend(path) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        s.settimeout(TIMEOUT)
+        assert s.recv(1) == b""  # closed by the back-end
+        s.close()
+        fe.transmit(frames_of(3))
+        assert port.queue(0).wait_received(3, TIMEOUT) == frames_of(3)
+
+
+def test_live_socket_path_is_not_stolen(gw, tmp_path):
+    path = str(tmp_path / "taken.sock")
+    other = socket.socket(socket.AF_UNIX)
+    other.bind(path)
+    other.listen(1)
+    try:
+        dev = gw.registry.create("vm9", MemoryPort())
+        with pytest.raises(SocketInUse):
+            gw.service.listen(dev, path)
+    finally:
+        other.close()
+
+
+def test_bad_front_end_is_cut_off_and_others_go_on(gw):
+    _, port_a, path_a = gw.device("good")
+    _, _, path_b = gw.device("evil")
+    with Frontend(path_a) as good:
+        good.connect().setup()
+        gw.events.wait("new", "good")
+        evil = socket.socket(socket.AF_UNIX)
+        evil.connect(path_b)
+        evil.settimeout(TIMEOUT)
+        evil.sendall(p.encode(Request.GET_FEATURES) + struct.pack("<III", 77, 1, 0))
+        assert len(evil.recv(20)) == 20  # the reply to GET_FEATURES
+        assert evil.recv(1) == b""  # then closed for the unknown request
+        evil.close()
+        good.transmit(frames_of(5))
+        assert port_a.queue(0).wait_received(5, TIMEOUT) == frames_of(5)
+
+
+def test_hostile_ring_marks_the_device_broken_and_spares_the_rest(gw):
+    _, port_a, path_a = gw.device("good")
+    bad_dev, _, path_b = gw.device("bad")
+    with Frontend(path_a) as good, Frontend(path_b) as bad:
+        good.connect().setup()
+        bad.connect().setup()
+        gw.events.wait("new", "bad")
+        tx = bad.rings[1]
+        tx.write_desc(0, 0, 64, 0, 0)
+        tx.push_avail(9999 % 65536)  # a head index beyond the ring
+        os.eventfd_write(bad.kicks[1], 1)
+        gw.events.wait("destroy", "bad")
+        with pytest.raises((FrontendError, OSError)):
+            bad.get_u64(Request.GET_FEATURES)
+        assert bad_dev.state == "broken"
+        assert "head" in bad_dev.broken_reason
+        good.transmit(frames_of(5))
+        assert port_a.queue(0).wait_received(5, TIMEOUT) == frames_of(5)
+    with Frontend(path_b) as again:  # a new session clears the mark
+        again.connect().setup()
+        gw.events.wait("new", "bad", 2)
+        assert bad_dev.state == "running"
+
+
+def _maps() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def test_no_fd_or_mapping_leaks_over_100_sessions(gw):
+    dev, port, path = gw.device()
+    # one session first, so lazily created objects (threads, buffers) exist
+    with Frontend(path) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+    gw.events.wait("destroy", "vm0")
+    fds, maps = len(os.listdir("/proc/self/fd")), _maps()
+    for i in range(100):
+        with Frontend(path, queue_size=64, mem_size=1 << 20) as fe:
+            fe.connect().setup()
+            gw.events.wait("new", "vm0", i + 2)
+        gw.events.wait("destroy", "vm0", i + 2)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert _maps() <= maps + 2  # allocator arenas may settle; 100 leaks would show
