@@ -58,6 +58,17 @@ def clean_line(raw: str) -> str:
     return _ANSI.sub("", raw).replace("\r", "")
 
 
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the process and anything it started (it leads its own session)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGKILL when the thread that started us dies (pytest killed hard)."""
     try:
@@ -299,11 +310,11 @@ class QemuGuest:
         proc = self.proc
         if proc is not None:
             if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
                 try:
-                    proc.terminate()
                     proc.wait(5)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    _signal_group(proc, signal.SIGKILL)
                     proc.wait()
             if proc.stdin:
                 try:
