@@ -34,12 +34,12 @@ class MemoryQueue:
     """One queue pair's worth of frames in memory, with an eventfd that stays
     readable while frames wait for the guest (level-triggered, like a socket)."""
 
-    def __init__(self) -> None:
+    def __init__(self, arrived: threading.Condition | None = None) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._lock = threading.Lock()
+        self._arrived = arrived or threading.Condition()
+        self._lock = self._arrived  # one lock per port, so a waiter can watch every queue
         self._to_guest: collections.deque[bytes] = collections.deque()
         self._from_guest: list[bytes] = []
-        self._arrived = threading.Condition(self._lock)
         self._signalled = False
 
     def send(self, buf: FrameBuffer, n: int) -> None:
@@ -90,11 +90,24 @@ class MemoryQueue:
 class MemoryPort:
     def __init__(self) -> None:
         self.queues: dict[int, MemoryQueue] = {}
+        self._arrived = threading.Condition()
 
     def queue(self, qp: int) -> MemoryQueue:
         if qp not in self.queues:
-            self.queues[qp] = MemoryQueue()
+            self.queues[qp] = MemoryQueue(self._arrived)
         return self.queues[qp]
+
+    def wait_total(self, count: int, timeout: float) -> list[bytes]:
+        """Block until `count` frames came from the guest over all queues; take them."""
+        with self._arrived:
+            self._arrived.wait_for(
+                lambda: sum(len(q._from_guest) for q in self.queues.values()) >= count, timeout
+            )
+            out = []
+            for q in self.queues.values():
+                out += q._from_guest
+                q._from_guest = []
+            return out
 
     def close(self) -> None:
         for q in self.queues.values():

@@ -215,8 +215,11 @@ def _close(fd: int) -> None:
 class MessageReader:
     """Reassembles messages from a byte stream with SCM_RIGHTS fds attached.
 
-    fds that arrive with a chunk belong to the message that chunk starts in:
-    the kernel never returns an fd-carrying write glued to earlier bytes.
+    fds that arrive with a chunk belong to the message that chunk starts in.
+    That holds only if no chunk spans two messages: a unix stream socket may
+    glue an fd-carrying write after earlier bytes in one recvmsg, so the
+    transport asks for exactly `wanted()` bytes each time (as QEMU and DPDK do:
+    header first, then payload).
     After a ProtocolError the reader is dead; `close` releases every fd it holds.
     """
 
@@ -230,6 +233,13 @@ class MessageReader:
         at = self._start + len(self._buf)
         self._pending_fds.extend((at, fd) for fd in fds)
         self._buf += data
+
+    def wanted(self) -> int:
+        """Bytes still missing from the header or payload being read."""
+        if len(self._buf) < HEADER.size:
+            return HEADER.size - len(self._buf)
+        size = HEADER.unpack_from(self._buf)[2]
+        return max(1, HEADER.size + min(size, MAX_PAYLOAD + 1) - len(self._buf))
 
     def next_message(self) -> Message | None:
         if self._dead:

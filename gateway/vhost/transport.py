@@ -27,7 +27,6 @@ from gateway.vhost.protocol import MAX_FDS, ProtocolError
 
 log = logging.getLogger(__name__)
 
-RECV_SIZE = 4096
 SEND_TIMEOUT = 5.0
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
 
@@ -51,10 +50,10 @@ class Endpoint:
     task: asyncio.Task | None = None
 
 
-def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
+def _recv(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
     fds = array.array("i")
     data, anc, flags, _ = sock.recvmsg(
-        RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+        size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC
     )
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -221,7 +220,7 @@ class VhostService:
         sock, conn = ep.sock, ep.conn
         assert sock is not None and conn is not None
         try:
-            data, fds = _recv(sock)
+            data, fds = _recv(sock, conn.reader.wanted())
             if not data:
                 for fd in fds:
                     os.close(fd)
