@@ -195,7 +195,8 @@ main() {
         ;;
     demo)
         setup "$cmd"
-        [ -x "$VENV/bin/gateway" ] || die "no gateway command in the venv (gateway/cli.py missing?)"
+        "$VENV/bin/python" -c 'import gateway.cli' 2>/dev/null \
+            || die "gateway.cli does not import: $("$VENV/bin/python" -c 'import gateway.cli' 2>&1 | tail -1)"
         exec "$VENV/bin/gateway" demo "$@"
         ;;
     -h | --help | help) usage ;;

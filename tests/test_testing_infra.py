@@ -9,8 +9,21 @@ import pytest
 
 from gateway.testing import guest as guest_mod
 from gateway.testing.guest import MARK_EXIT_RE, MARK_MODULES, CpioWriter, make_initrd
-from gateway.testing.qemu import QemuError, QemuGuest, classify_line, clean_line, qemu_available
-from gateway.testing.testpmd import parse_counters, parse_forward_stats, parse_link_status
+from gateway.testing.qemu import (
+    QemuError,
+    QemuGuest,
+    VhostUserNic,
+    classify_line,
+    clean_line,
+    qemu_available,
+)
+from gateway.testing.testpmd import (
+    Testpmd,
+    parse_counters,
+    parse_forward_stats,
+    parse_link_status,
+    testpmd_available,
+)
 
 needs_qemu = pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 not installed")
 
@@ -170,3 +183,62 @@ def test_guest_boots_and_runs_scenario(image, tmp_path):
         assert m.group(1) == "0"
         assert vm.wait_exit(timeout=30) == 0
     assert not any("insmod" in line and "failed" in line for line in vm.lines)
+
+
+# ------------------------------------------------------------------ DPDK testpmd
+
+needs_testpmd = pytest.mark.skipif(not testpmd_available(), reason="dpdk-testpmd not installed")
+
+
+@pytest.mark.dpdk
+@needs_testpmd
+def test_testpmd_pair_moves_packets(tmp_path):
+    """A testpmd vhost backend (net_vhost) fed by a testpmd virtio-user frontend."""
+    sock = tmp_path / "vu.sock"
+    with Testpmd(vdev=f"net_vhost0,iface={sock},queues=1", lcores="0@0,1@1") as back:
+        with Testpmd(sock, mrg_rxbuf=False, args=["--forward-mode=txonly", "--txpkts=64"]) as tp:
+            tp.wait_link_up(timeout=20)
+            back.wait_link_up(timeout=20)
+            back.cmd("set fwd rxonly")
+            back.start()
+            tp.start()
+            time.sleep(0.5)
+            fwd = tp.stop()
+            back.stop()
+            assert fwd["TX-packets"] > 0
+            assert tp.port_stats(0)["TX-packets"] == fwd["TX-packets"]
+            rx = back.port_stats(0)
+            assert rx["RX-packets"] == fwd["TX-packets"]
+            assert rx["RX-bytes"] == 64 * fwd["TX-packets"]
+            assert tp.quit() == 0
+            assert "Bye" in tp.output
+    assert back.proc is not None and back.proc.returncode is not None
+
+
+@pytest.mark.qemu
+@pytest.mark.dpdk
+@needs_qemu
+@needs_testpmd
+def test_guest_nic_over_vhost_user(image, tmp_path):
+    """QemuGuest's vhost-user NIC against testpmd's vhost backend: the guest's ARPs arrive."""
+    sock = tmp_path / "vu.sock"
+    script = (
+        "ip link set eth0 up\n"
+        "ip addr add 10.99.0.2/24 dev eth0\n"
+        "ping -c 3 -W 1 10.99.0.1\n"
+        'echo "TXPKTS $(cat /sys/class/net/eth0/statistics/tx_packets)"\n'
+    )
+    initrd = make_initrd(image, script, tmp_path / "initrd.cpio")
+    with Testpmd(vdev=f"net_vhost0,iface={sock},queues=1", args=["--forward-mode=rxonly"]) as back:
+        back.start()
+        nic = VhostUserNic(sock, server=False, mac="52:54:00:aa:bb:01")
+        with QemuGuest(image.kernel, initrd, nics=[nic], append=image.cmdline) as vm:
+            vm.wait_for(MARK_MODULES, timeout=60)
+            tx = int(vm.wait_for(r"^TXPKTS (\d+)$", timeout=60).group(1))
+            vm.wait_for(MARK_EXIT_RE, timeout=30)
+            vm.wait_exit(timeout=30)
+        assert back.link_up(0) is False  # QEMU is gone
+        back.stop()
+        stats = back.port_stats(0)
+    assert tx >= 3
+    assert stats["RX-packets"] >= 3

@@ -42,11 +42,14 @@ _counter = itertools.count()
 
 
 class TestpmdError(RuntimeError):
-    pass
+    __test__ = False
 
 
 def testpmd_available(binary: str = TESTPMD) -> bool:
     return shutil.which(binary) is not None
+
+
+testpmd_available.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -92,6 +95,8 @@ def parse_link_status(text: str) -> bool:
 
 
 class Testpmd:
+    __test__ = False  # imported into test modules: not a pytest test class
+
     def __init__(
         self,
         socket: Path | str | None = None,
