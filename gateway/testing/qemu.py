@@ -260,14 +260,14 @@ class QemuGuest:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
+                if self._fatal is not None:  # the run is broken: every wait fails
+                    raise self._fail(f"QEMU reported: {self._fatal!r}")
                 while self._cursor < len(self._lines):
                     line = self._lines[self._cursor]
                     self._cursor += 1
                     m = pat.search(line)
                     if m:
                         return m
-                if self._fatal is not None:
-                    raise self._fail(f"QEMU reported: {self._fatal!r}")
                 if self._partial:
                     m = pat.search(clean_line(self._partial))
                     if m:
