@@ -294,3 +294,30 @@ def test_no_fd_or_mapping_leaks_over_100_sessions(gw):
         gw.events.wait("destroy", "vm0", i + 2)
     assert len(os.listdir("/proc/self/fd")) == fds
     assert _maps() <= maps + 2  # allocator arenas may settle; 100 leaks would show
+
+
+def test_guest_notification_off_means_no_kicks_and_polling(gw):
+    dev, port, path = gw.device()
+    dev.enable_guest_notification(1, False)  # the seed's API: we poll the TX ring
+    with Frontend(path, want=vf.SUPPORTED_FEATURES & ~(1 << Net.RING_EVENT_IDX)) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+        tx = fe.rings[1]
+        tx.add_out([bytes(fe.hdr_len), frames_of(1)[0]])  # no kick at all
+        assert port.queue(0).wait_received(1, TIMEOUT) == frames_of(1)
+        assert tx.used_flags & 1  # VRING_USED_F_NO_NOTIFY: the guest is told not to kick
+    with pytest.raises(ValueError):
+        dev.enable_guest_notification(2, False)
+
+
+def test_registry_feature_rules():
+    reg = Registry()
+    with pytest.raises(ValueError, match="unsupported"):
+        reg.feature_enable(1 << Net.HOST_TSO4)
+    reg.feature_disable(1 << Net.MRG_RXBUF)
+    dev = reg.create("x", MemoryPort())
+    assert not dev.features >> Net.MRG_RXBUF & 1
+    reg.feature_enable(1 << Net.MRG_RXBUF)
+    assert not dev.features >> Net.MRG_RXBUF & 1  # a device keeps the offer it was made with
+    with pytest.raises(ValueError, match="bad device name"):
+        reg.create("no spaces", MemoryPort())
