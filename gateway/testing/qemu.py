@@ -18,7 +18,6 @@ silently fall back to userspace virtio and drop everything).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import shutil
@@ -29,6 +28,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from gateway.testing._proc import die_with_parent, signal_group
 
 QEMU = "qemu-system-x86_64"
 
@@ -56,26 +57,6 @@ def classify_line(line: str) -> str | None:
 def clean_line(raw: str) -> str:
     """Strip terminal escapes and carriage returns from one console line."""
     return _ANSI.sub("", raw).replace("\r", "")
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    """Signal the process and anything it started (it leads its own session)."""
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        try:
-            proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the thread that started us dies (pytest killed hard)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def qemu_available(binary: str = QEMU) -> bool:
@@ -180,7 +161,7 @@ class QemuGuest:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C to pytest must not reach QEMU's console mux
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._reader = threading.Thread(target=self._read, name="qemu-console", daemon=True)
         self._reader.start()
@@ -310,11 +291,11 @@ class QemuGuest:
         proc = self.proc
         if proc is not None:
             if proc.poll() is None:
-                _signal_group(proc, signal.SIGTERM)
+                signal_group(proc, signal.SIGTERM)
                 try:
                     proc.wait(5)
                 except subprocess.TimeoutExpired:
-                    _signal_group(proc, signal.SIGKILL)
+                    signal_group(proc, signal.SIGKILL)
                     proc.wait()
             if proc.stdin:
                 try:

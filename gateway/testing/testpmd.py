@@ -23,7 +23,6 @@ directory removed.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import re
@@ -34,6 +33,8 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from gateway.testing._proc import die_with_parent, signal_group
 
 TESTPMD = "dpdk-testpmd"
 PROMPT = "testpmd> "
@@ -50,25 +51,6 @@ def testpmd_available(binary: str = TESTPMD) -> bool:
 
 
 testpmd_available.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    """Signal the process and anything it started (it leads its own session)."""
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        try:
-            proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 _NUM = re.compile(r"([A-Za-z][\w-]*):\s*(\d+)\b")
@@ -169,7 +151,7 @@ class Testpmd:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._reader = threading.Thread(target=self._read, name="testpmd-out", daemon=True)
         self._reader.start()
@@ -314,11 +296,11 @@ class Testpmd:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
-        _signal_group(proc, signal.SIGTERM)  # testpmd cleans up and prints its final stats
+        signal_group(proc, signal.SIGTERM)  # testpmd cleans up and prints its final stats
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
+            signal_group(proc, signal.SIGKILL)
             proc.wait()
 
     def close(self) -> None:
