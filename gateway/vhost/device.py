@@ -24,7 +24,7 @@ from gateway.vhost.memory import MemoryTableError
 from gateway.vhost.protocol import ProtocolError
 from gateway.virtio import features as vf
 from gateway.virtio.features import Net
-from gateway.virtio.ring import RingBroken, VirtQueue, ring_sizes
+from gateway.virtio.ring import VirtQueue, ring_sizes
 
 if TYPE_CHECKING:
     from gateway.registry import Registry
@@ -269,5 +269,3 @@ def rarp_frame(mac: bytes) -> bytes:
     body = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 3) + mac + b"\0" * 4 + mac + b"\0" * 4
     return (eth + body).ljust(60, b"\0")
 
-
-__all__ = ["VhostDevice", "RingBroken", "rarp_frame"]
