@@ -62,7 +62,6 @@ struct gw_vq {
     uint64_t bytes;             /* frame bytes moved, virtio-net header excluded */
     uint64_t drop_too_big;      /* TX: frame > cap; RX: frame > guest buffers */
     uint64_t drop_short;        /* TX: chain holds no more than the header */
-    uint64_t drop_no_buf;       /* not used by C; Python counts RX frames it gave up on */
 };
 
 /* Guest TX -> caller buffers. Pops up to n chains; frame i (header stripped)

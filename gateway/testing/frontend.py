@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import mmap
 import os
 import select
 import socket
@@ -67,8 +68,6 @@ class Frontend:
         self._listener: socket.socket | None = None
         self.memfd = os.memfd_create("gw-guest", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, mem_size)
-        import mmap
-
         self.mem = mmap.mmap(self.memfd, mem_size)
         self.rings: list[DriverRing] = []
         self.kicks: list[int] = []

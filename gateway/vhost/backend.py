@@ -27,11 +27,9 @@ from gateway.vhost.memory import MAX_SLOTS, GuestMemory, MemoryTableError
 from gateway.vhost.protocol import ProtocolError, Request
 from gateway.virtio import features as vf
 from gateway.virtio.features import Proto
+from gateway.virtio.ring import valid_size
 
 log = logging.getLogger(__name__)
-
-MAX_QUEUE_SIZE = 32768
-
 
 class Refused(Exception):
     """A well-formed request this back-end will not carry out."""
@@ -303,7 +301,7 @@ class VhostConnection:
 
     def _on_set_vring_num(self, msg: p.Message, ring: Ring) -> None:
         _, num = msg.vring_state()
-        if not (1 <= num <= MAX_QUEUE_SIZE and num & (num - 1) == 0):
+        if not valid_size(num):
             raise ProtocolError(f"ring {ring.index}: size {num} is not a power of two <= 32768")
         self._move(Request.SET_VRING_NUM, ring)
         ring.size = num

@@ -24,15 +24,12 @@ from gateway.vhost.memory import MemoryTableError
 from gateway.vhost.protocol import ProtocolError
 from gateway.virtio import features as vf
 from gateway.virtio.features import Net
-from gateway.virtio.ring import VirtQueue, ring_sizes
+from gateway.virtio.ring import AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN, VirtQueue, ring_sizes
 
 if TYPE_CHECKING:
     from gateway.registry import Registry
 
 log = logging.getLogger(__name__)
-
-ALIGN = {"desc": 16, "avail": 2, "used": 4}
-
 
 class VhostDevice:
     def __init__(
@@ -181,12 +178,13 @@ class VhostDevice:
         size, addr = ring.size, ring.addr
         assert size is not None and addr is not None  # ring_runs checked
         hosts = {}
-        for (what, qva), length in zip(
-            (("desc", addr.desc), ("avail", addr.avail), ("used", addr.used)),
+        for (what, qva, align), length in zip(
+            (("desc", addr.desc, DESC_ALIGN), ("avail", addr.avail, AVAIL_ALIGN),
+             ("used", addr.used, USED_ALIGN)),
             ring_sizes(size),
             strict=True,
         ):
-            if qva % ALIGN[what]:
+            if qva % align:
                 raise ProtocolError(f"ring {index}: {what} address {qva:#x} is misaligned")
             try:
                 hosts[what] = conn.memory.qva_to_host(qva, length)

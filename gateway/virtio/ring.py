@@ -216,12 +216,7 @@ class VirtQueue:
             "bytes": vq.bytes,
             "drop_too_big": vq.drop_too_big,
             "drop_short": vq.drop_short,
-            "drop_no_buf": vq.drop_no_buf,
         }
-
-    def count_no_buf(self, n: int = 1) -> None:
-        """Record RX frames the caller gave up on (C never drops for lack of buffers)."""
-        self._vq.drop_no_buf += n
 
     def _check(self, r: int) -> int:
         if r < 0:
