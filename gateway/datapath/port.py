@@ -1,9 +1,10 @@
 """Where frames go after they leave a guest, and come from before they enter one.
 
-A port hands the data path one PortQueue per queue pair. The data path moves
-frames in bursts through FrameBuffers, so a port backed by AF_XDP can swap
-buffers for UMEM frames without the worker changing. MemoryPort keeps frames
-in Python lists: tests and the demo use it to stand in for the wire.
+A port hands the data path one PortQueue per queue pair. The worker asks the
+queue to move a burst each way (`from_guest`, `to_guest`) and the queue does
+it with the ring calls that suit it: MemoryQueue goes through FrameBuffers and
+Python lists (tests and the demo use it to stand in for the wire); an AF_XDP
+queue copies between guest buffers and UMEM frames in one C call.
 """
 
 from __future__ import annotations
@@ -13,17 +14,26 @@ import os
 import threading
 from typing import Protocol
 
-from gateway.virtio.ring import FrameBuffer
+from gateway.virtio.ring import FrameBuffer, VirtQueue
+
+BURST = 64
+FRAME_SIZE = 4096
 
 
 class PortQueue(Protocol):
-    fd: int | None  # readable while frames wait for the guest; None: never
+    fds: tuple[int, ...]  # readable when frames for the guest may be waiting at the port
 
-    def send(self, buf: FrameBuffer, n: int) -> None:
-        """Frames 0..n-1 of buf left the guest."""
+    def from_guest(self, txq: VirtQueue) -> int:
+        """Move a burst of the guest's TX frames to the port; return how many."""
 
-    def recv(self, buf: FrameBuffer) -> int:
-        """Fill buf from frame 0 with frames for the guest; return how many."""
+    def to_guest(self, rxq: VirtQueue) -> int:
+        """Move a burst of waiting frames into the guest; return how many."""
+
+    def backlog(self) -> bool:
+        """Frames are held for the guest, which had no buffers for them."""
+
+    def send_raw(self, frames: list[bytes]) -> None:
+        """Frames from the control plane (RARP) to the wire; worker thread only."""
 
 
 class Port(Protocol):
@@ -36,19 +46,41 @@ class MemoryQueue:
 
     def __init__(self, arrived: threading.Condition | None = None) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.fds = (self.fd,)
+        self._txbuf = FrameBuffer(BURST, FRAME_SIZE)
+        self._rxbuf = FrameBuffer(BURST, FRAME_SIZE)
+        self._rx_next = self._rx_count = 0  # frames in _rxbuf still to give the guest
         self._arrived = arrived or threading.Condition()
         self._lock = self._arrived  # one lock per port, so a waiter can watch every queue
         self._to_guest: collections.deque[bytes] = collections.deque()
         self._from_guest: list[bytes] = []
         self._signalled = False
 
-    def send(self, buf: FrameBuffer, n: int) -> None:
-        frames = [buf.frame(i) for i in range(n)]
+    def from_guest(self, txq: VirtQueue) -> int:
+        n = txq.tx_burst(self._txbuf)
+        if n:
+            self.send_raw([self._txbuf.frame(i) for i in range(n)])
+        return n
+
+    def to_guest(self, rxq: VirtQueue) -> int:
+        if self._rx_count == 0:
+            self._rx_next, self._rx_count = 0, self._recv(self._rxbuf)
+        if not self._rx_count:
+            return 0
+        k = rxq.rx_burst(self._rxbuf, self._rx_next, self._rx_count)
+        self._rx_next += k
+        self._rx_count -= k
+        return k
+
+    def backlog(self) -> bool:
+        return self._rx_count > 0
+
+    def send_raw(self, frames: list[bytes]) -> None:
         with self._lock:
             self._from_guest.extend(frames)
             self._arrived.notify_all()
 
-    def recv(self, buf: FrameBuffer) -> int:
+    def _recv(self, buf: FrameBuffer) -> int:
         with self._lock:
             n = 0
             while self._to_guest and n < buf.nframes:

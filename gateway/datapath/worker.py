@@ -1,7 +1,7 @@
 """One thread per queue pair: guest TX → port, port → guest RX.
 
-Each burst is one C call (GIL released), so Python runs once per burst, not
-per frame. When a pass moves nothing, the worker asks the guest to kick,
+The port queue moves each burst with one C call (GIL released), so Python
+runs once per burst, not per frame. When a pass moves nothing, the worker asks the guest to kick,
 re-checks the rings (a kick may have been skipped just before) and sleeps in
 poll() on the kick eventfds, the port's fd and its own wake-up eventfd.
 """
@@ -15,12 +15,10 @@ import threading
 from collections.abc import Callable
 
 from gateway.datapath.port import PortQueue
-from gateway.virtio.ring import FrameBuffer, RingBroken, VirtQueue
+from gateway.virtio.ring import RingBroken, VirtQueue
 
 log = logging.getLogger(__name__)
 
-BURST = 64
-FRAME_SIZE = 4096
 POLL_INTERVAL_MS = 1  # when the front-end never kicks (no-fd bit) or kicks are disabled
 
 
@@ -46,9 +44,6 @@ class QueuePairWorker:
         self._lock = threading.Lock()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop = False
-        self._txbuf = FrameBuffer(BURST, FRAME_SIZE)
-        self._rxbuf = FrameBuffer(BURST, FRAME_SIZE)
-        self._rx_next = self._rx_count = 0  # frames in _rxbuf still to give the guest
         self._thread = threading.Thread(target=self._run, name=f"gw-{name}", daemon=True)
 
     def start(self) -> None:
@@ -82,32 +77,16 @@ class QueuePairWorker:
 
     def _pass(self) -> bool:
         """One round over both directions; True if anything moved."""
-        moved = False
-        n = self.txq.tx_burst(self._txbuf)
-        if n:
-            self.port.send(self._txbuf, n)
-            moved = True
+        n = self.port.from_guest(self.txq)
         self.txq.call()  # C signals only if the used ring moved (drops included)
         if self.control:
-            self._send_control()
-        if self._rx_count == 0:
-            self._rx_next, self._rx_count = 0, self.port.recv(self._rxbuf)
-        if self._rx_count:
-            k = self.rxq.rx_burst(self._rxbuf, self._rx_next, self._rx_count)
-            if k:
-                self._rx_next += k
-                self._rx_count -= k
-                self.rxq.call()
-                moved = True
-        return moved
-
-    def _send_control(self) -> None:
-        with self._lock:
-            frames, self.control = self.control[: BURST], self.control[BURST:]
-        buf = FrameBuffer(len(frames), FRAME_SIZE)
-        for i, f in enumerate(frames):
-            buf.put(i, f)
-        self.port.send(buf, len(frames))
+            with self._lock:
+                frames, self.control = self.control, []
+            self.port.send_raw(frames)
+        k = self.port.to_guest(self.rxq)
+        if k:
+            self.rxq.call()
+        return bool(n or k)
 
     def _sleep(self) -> None:
         rx_notify, tx_notify = self.notify()
@@ -118,23 +97,24 @@ class QueuePairWorker:
             fds.append(self.tx_kick)
         else:
             timeout = POLL_INTERVAL_MS
-        if self._rx_count:  # frames wait for guest buffers: wake when it adds some
+        backlog = self.port.backlog()
+        if backlog:  # frames wait for guest buffers: wake when it adds some
             pending += self.rxq.set_notify(rx_notify)
             if rx_notify and self.rx_kick is not None:
                 fds.append(self.rx_kick)
             else:
                 timeout = POLL_INTERVAL_MS
-        elif self.port.fd is not None:
-            fds.append(self.port.fd)
+        else:
+            fds.extend(self.port.fds)
         if not pending and not self._stop:
             p = select.poll()
             for fd in fds:
                 p.register(fd, select.POLLIN)
             for fd, _ in p.poll(timeout):
-                if fd != self.port.fd:
+                if fd not in self.port.fds:
                     _drain(fd)
         self.txq.set_notify(False)
-        if self._rx_count:
+        if backlog:
             self.rxq.set_notify(False)
 
 
