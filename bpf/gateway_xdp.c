@@ -1,0 +1,138 @@
+// gateway's XDP program (C for bcc): steer frames to vhost devices by destination MAC.
+//
+// Loaded by gateway/xdp/program.py, which passes the sizes with -D:
+//   MAX_DEVICES  device slots (0 .. MAX_DEVICES-1)
+//   MAX_QUEUES   NIC RX queues covered per device
+//
+// Maps (names are the contract with program.py):
+//   mac2slot  hash  u64 -> u32   destination MAC -> device slot. Key: the 6 MAC bytes as a
+//                                big-endian 48-bit number in the low bits of a u64, i.e.
+//                                key = b0<<40 | b1<<32 | b2<<24 | b3<<16 | b4<<8 | b5,
+//                                the same number as int("0011223344aa", 16) in Python. Built
+//                                here from the bytes, so host byte order does not matter.
+//   devices   array struct dev_cfg[MAX_DEVICES]  per slot: running flag and max frame length.
+//   xsks      xskmap [MAX_DEVICES * MAX_QUEUES]  index slot * MAX_QUEUES + rx_queue_index:
+//                                one AF_XDP socket per (device, NIC queue).
+//   counters  percpu array u64 [MAX_DEVICES * NCOUNTERS]  index slot * NCOUNTERS + C_*.
+//   gcounters percpu array u64 [NGLOBAL]  G_*: frames handed to the kernel stack.
+//
+// Verdicts:
+//   runt (< 14 bytes)                          XDP_PASS, G_RUNT (the kernel drops it)
+//   broadcast                                  XDP_PASS, G_BROADCAST (gateway taps it)
+//   multicast                                  XDP_PASS, G_MULTICAST
+//   unicast, MAC not in mac2slot               XDP_PASS, G_PASSED (host keeps using the NIC)
+//   slot stopped                               XDP_DROP, C_DROP_STOPPED
+//   frame longer than the slot's max frame     XDP_DROP, C_DROP_TOO_BIG
+//   no socket for (slot, rx queue)             XDP_DROP, C_DROP_NO_SOCKET
+//   else                                       XDP_REDIRECT to xsks, C_RX_PACKETS/C_RX_BYTES
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+
+#ifndef MAX_DEVICES
+#define MAX_DEVICES 64
+#endif
+#ifndef MAX_QUEUES
+#define MAX_QUEUES 16
+#endif
+
+// per-device counters (order is the contract with program.py COUNTERS)
+#define C_RX_PACKETS 0
+#define C_RX_BYTES 1
+#define C_DROP_NO_SOCKET 2
+#define C_DROP_STOPPED 3
+#define C_DROP_TOO_BIG 4
+#define NCOUNTERS 5
+
+// global counters (order is the contract with program.py GLOBAL_COUNTERS)
+#define G_PASSED 0
+#define G_BROADCAST 1
+#define G_MULTICAST 2
+#define G_RUNT 3
+#define NGLOBAL 4
+
+struct dev_cfg {
+    u32 running;    // 0: stopped, frames for it are dropped
+    u32 max_frame;  // longest frame (Ethernet header included) the device accepts
+};
+
+BPF_HASH(mac2slot, u64, u32, MAX_DEVICES);
+BPF_ARRAY(devices, struct dev_cfg, MAX_DEVICES);
+BPF_XSKMAP(xsks, MAX_DEVICES * MAX_QUEUES);
+BPF_PERCPU_ARRAY(counters, u64, MAX_DEVICES * NCOUNTERS);
+BPF_PERCPU_ARRAY(gcounters, u64, NGLOBAL);
+
+static __always_inline void count_dev(u32 slot, u32 which, u64 n)
+{
+    u32 idx = slot * NCOUNTERS + which;
+    u64 *c = counters.lookup(&idx);
+    if (c)
+        *c += n;  // per-CPU slot: no atomics needed
+}
+
+static __always_inline int pass_global(u32 which)
+{
+    u64 *c = gcounters.lookup(&which);
+    if (c)
+        *c += 1;
+    return XDP_PASS;
+}
+
+static __always_inline u32 slot_index_for(u32 slot, u32 queue)
+{
+    return slot * MAX_QUEUES + queue;
+}
+
+// Function name = BPF program name: program.py recognises its own (possibly stale) program
+// on a NIC by it ("gateway_xdp", at most 15 characters).
+int gateway_xdp(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+
+    if ((void *)(eth + 1) > data_end)
+        return pass_global(G_RUNT);
+
+    const u8 *d = eth->h_dest;
+    if (d[0] & 1) {  // group bit: broadcast or multicast
+        if ((d[0] & d[1] & d[2] & d[3] & d[4] & d[5]) == 0xff)
+            return pass_global(G_BROADCAST);
+        return pass_global(G_MULTICAST);
+    }
+
+    u64 key = ((u64)d[0] << 40) | ((u64)d[1] << 32) | ((u64)d[2] << 24) |
+              ((u64)d[3] << 16) | ((u64)d[4] << 8) | (u64)d[5];
+    u32 *slotp = mac2slot.lookup(&key);
+    if (!slotp)
+        return pass_global(G_PASSED);
+
+    u32 slot = *slotp;
+    if (slot >= MAX_DEVICES)
+        return XDP_DROP;  // never written by program.py; keeps the verifier's bounds
+    struct dev_cfg *cfg = devices.lookup(&slot);
+    if (!cfg || !cfg->running) {
+        count_dev(slot, C_DROP_STOPPED, 1);
+        return XDP_DROP;
+    }
+    u64 len = data_end - data;
+    if (len > cfg->max_frame) {
+        count_dev(slot, C_DROP_TOO_BIG, 1);
+        return XDP_DROP;
+    }
+    u32 queue = ctx->rx_queue_index;
+    if (queue >= MAX_QUEUES) {
+        count_dev(slot, C_DROP_NO_SOCKET, 1);
+        return XDP_DROP;
+    }
+    int idx = slot_index_for(slot, queue);
+    // redirect_map cannot tell us that the entry was empty (it just returns the
+    // fallback action), so look first: lookups on an XSKMAP work from kernel 5.3.
+    if (!xsks.lookup(&idx)) {
+        count_dev(slot, C_DROP_NO_SOCKET, 1);
+        return XDP_DROP;
+    }
+    count_dev(slot, C_RX_PACKETS, 1);
+    count_dev(slot, C_RX_BYTES, len);
+    return xsks.redirect_map(idx, XDP_DROP);
+}
