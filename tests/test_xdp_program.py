@@ -430,3 +430,18 @@ def test_check_mtu():
                                         "headroom minus 14 Ethernet header = 1778"):
         link.check_mtu(big, 1800, 2048)
     assert link.check_mtu(big, 1778, 2048) == 1792
+
+
+def test_missing_headers_and_bcc_messages(monkeypatch):
+    from gateway.xdp import program
+
+    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    monkeypatch.delenv("GATEWAY_BPF_CFLAGS", raising=False)
+    monkeypatch.setattr(program.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(program.platform, "machine", lambda: "x86_64")
+    with pytest.raises(XdpError, match="^kernel headers for bcc not found: "
+                                       "apt-get install linux-headers-amd64$"):
+        program.find_kernel_headers()
+    monkeypatch.setitem(sys.modules, "bcc", None)
+    with pytest.raises(XdpError, match="python3-bpfcc.*\\.pth"):
+        import_bcc()
