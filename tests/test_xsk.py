@@ -114,13 +114,14 @@ def test_tx_to_far_host():
         assert umem.nfree == umem.nframes - umem.fill_size
 
 
-def attach_redirect(nic: str, fd: int):
+def attach_redirect(nic: str, fd: int, native: bool = True):
     """bcc XDP program redirecting queue 0 to XSKMAP slot 0; native mode, else generic."""
     bcc = pytest.importorskip("bcc")
     cflags = os.environ.get("GATEWAY_BPF_CFLAGS", "").split()
     b = bcc.BPF(text=XDP_PROG.encode(), cflags=cflags)
     fn = b.load_func(b"xsk_redirect", bcc.BPF.XDP)
-    for flags in (bcc.BPF.XDP_FLAGS_DRV_MODE, bcc.BPF.XDP_FLAGS_SKB_MODE):
+    modes = [bcc.BPF.XDP_FLAGS_DRV_MODE] if native else []
+    for flags in [*modes, bcc.BPF.XDP_FLAGS_SKB_MODE]:
         try:
             bcc.BPF.attach_xdp(nic.encode(), fn, flags)
             break
@@ -132,12 +133,15 @@ def attach_redirect(nic: str, fd: int):
     return b, flags
 
 
-def test_rx_from_far_host():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "generic"])
+def test_rx_from_far_host(native):
     if "GATEWAY_BPF_CFLAGS" not in os.environ:
         pytest.skip("kernel header flags for bcc missing: run through ./run.sh test")
     with topology() as topo, Umem() as umem:
+        # native XDP on veth wants NIC rx queues >= peer tx queues (one per CPU by default)
+        topo.run("ethtool", "-L", topo.peer, "tx", "1", check=False)
         sock = XskSocket(topo.nic, 0, umem, first=True)
-        b, flags = attach_redirect(topo.nic, sock.fd)
+        b, flags = attach_redirect(topo.nic, sock.fd, native)
         try:
             sent = frames(topo.nic_mac, topo.peer_mac, 300, b"rx")
             topo.run(sys.executable, "-c", SEND, topo.peer, input="\n".join(f.hex() for f in sent))

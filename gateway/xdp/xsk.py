@@ -26,11 +26,16 @@ What libxdp 1.3.1 does (read in its xsk.c, checked by tests/test_xsk.py):
   reads nor writes them. We pass the umem's own structs anyway. On ANOTHER
   device/queue it would create new fill/comp rings into the structs passed,
   which would overwrite the owner's handles: `XskSocket` refuses that.
-- A failed first bind leaves the umem unusable: the kernel moved the umem fd's
-  fill/completion rings into the buffer pool it then destroyed, and libxdp does
-  not recreate them. `XskSocket` therefore recreates the libxdp umem (same
-  area) after a failed first socket, which is what makes the zero-copy -> copy
-  fallback and the EBUSY retry work.
+- A failed first bind: older kernels moved the umem fd's fill/completion rings
+  into a buffer pool that the failed bind then destroyed, and libxdp does not
+  recreate them, so the umem was unusable (platform notes). On 6.18 the
+  EOPNOTSUPP of zero-copy on veth left it usable (a copy bind on the same umem
+  received frames, checked by hand). `XskSocket` recreates the libxdp umem
+  (same area, every frame free again) after any failed first bind anyway: it
+  is cheap, and the zero-copy -> copy fallback and the EBUSY retry then work on
+  every kernel.
+- A closed queue is free again after ~20-70 ms here (the platform notes say up
+  to ~0.5 s): `busy_wait` covers it.
 """
 
 from __future__ import annotations
