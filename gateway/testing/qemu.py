@@ -233,8 +233,14 @@ class QemuGuest:
     def _fail(self, why: str) -> QemuError:
         return QemuError(f"{why}\n--- last console lines ---\n{self.tail(40)}")
 
-    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 60.0) -> re.Match[str]:
-        """Wait for a console line matching ``pattern`` after the previous match."""
+    def wait_for(
+        self, pattern: str | re.Pattern[str], timeout: float = 60.0, *, partial: bool = False
+    ) -> re.Match[str]:
+        """Wait for a console line matching ``pattern`` after the previous match.
+
+        Only whole lines are matched unless ``partial`` (for prompts that end
+        without a newline): a line still arriving would match "count 2" when
+        the guest is printing "count 20"."""
         if self.proc is None:
             raise QemuError("not started")
         pat = re.compile(pattern) if isinstance(pattern, str) else pattern
@@ -249,7 +255,7 @@ class QemuGuest:
                     m = pat.search(line)
                     if m:
                         return m
-                if self._partial:
+                if partial and self._partial:
                     m = pat.search(clean_line(self._partial))
                     if m:
                         return m  # a prompt without newline; the cursor stays
