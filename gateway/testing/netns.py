@@ -65,7 +65,11 @@ def topology(queues: int = 1, subnet: int | None = None) -> Iterator[Topology]:
     netns.create(ns)
     try:
         with IPRoute() as ipr:
-            ipr.link("add", ifname=nic, kind="veth", peer={"ifname": peer, "net_ns_fd": ns},
+            # The peer gets as many TX queues as the NIC has RX queues: native
+            # XDP on veth refuses (ENOSPC) a peer with more.
+            ipr.link("add", ifname=nic, kind="veth",
+                     peer={"ifname": peer, "net_ns_fd": ns,
+                           "num_rx_queues": queues, "num_tx_queues": queues},
                      num_rx_queues=queues, num_tx_queues=queues)
             (idx,) = ipr.link_lookup(ifname=nic)
             ipr.link("set", index=idx, state="up")
