@@ -16,6 +16,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 
 from gateway.testing.vring_driver import DriverRing
@@ -33,6 +34,7 @@ from gateway.virtio.features import Net, Proto
 QVA_BASE = 0x7F00_0000_0000
 QVA_GAP = 1 << 30  # user addresses of regions are not contiguous: catches GPA/QVA mix-ups
 BUF_SIZE = 2048
+_FENCE = threading.Lock()
 
 
 class FrontendError(Exception):
@@ -277,12 +279,18 @@ class Frontend:
         deadline = time.monotonic() + self.timeout
         while True:
             out += ring.poll_used()
-            if ring.event_idx:
-                ring.set_used_event(ring.used_idx)
             if count is not None and len(out) >= count:
                 return out
             if frames is not None and self._frames_in(ring, out) >= frames:
                 return out
+            if ring.event_idx:
+                # Ask for an interrupt after what we have reaped, then look again:
+                # entries that came in before used_event was written get none.
+                ring.set_used_event(ring.last_used)
+                with _FENCE:  # a locked instruction: the store above before the load below
+                    pass
+                if ring.used_idx != ring.last_used:
+                    continue
             left = deadline - time.monotonic()
             if left <= 0:
                 raise FrontendError(f"ring {index}: timed out with {len(out)} used entries")

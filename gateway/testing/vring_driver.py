@@ -118,6 +118,11 @@ class DriverRing:
         return self._u16(self.used_gpa + 2)
 
     @property
+    def last_used(self) -> int:
+        """The next used entry poll_used will reap (what the driver has seen)."""
+        return self._last_used
+
+    @property
     def used_flags(self) -> int:
         return self._u16(self.used_gpa)
 
