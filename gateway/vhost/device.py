@@ -170,6 +170,9 @@ class VhostDevice:
             return
         self.running = running
         log.info("%s: %s", self.name, "running" if running else "stopped")
+        set_running = getattr(self.port, "set_running", None)  # ports that gate the wire
+        if set_running is not None:
+            set_running(running)
         if self.registry is not None:
             self.registry.notify(self, running)
 

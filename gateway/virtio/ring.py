@@ -218,6 +218,15 @@ class VirtQueue:
             "drop_short": vq.drop_short,
         }
 
+    @property
+    def native(self):
+        """The struct gw_vq, for C bursts that drive this ring (AF_XDP ports)."""
+        return self._vq
+
+    def check(self, r: int) -> int:
+        """Turn a -1 from a C call on this ring into RingBroken."""
+        return self._check(r)
+
     def _check(self, r: int) -> int:
         if r < 0:
             vq = self._vq

@@ -1,0 +1,193 @@
+/* AF_XDP <-> virtqueue bursts (contract in gw_xskq.h). */
+#include <sched.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <linux/if_xdp.h>
+#include <xdp/xsk.h>
+
+#include "gw_ring.h"
+#include "gw_xskq.h"
+
+/* From gw_xsk.c (their contract is in gw_xsk.h, below GW_XSK_C_PART). */
+int gw_xsk_kick(int fd);
+unsigned gw_xsk_fill(struct xsk_ring_prod *fq, const __u64 *pool, unsigned npool, unsigned n);
+unsigned gw_xsk_reap(struct xsk_ring_cons *cq, __u64 *pool, unsigned npool, unsigned cap,
+                     __u64 mask);
+
+#define MAX_BURST 256
+#define MAX_KICKS 16   /* copy mode sends <= 32 descriptors a kick: 16 cover a burst */
+
+static void lock(struct gw_umemq *u)
+{
+    while (__atomic_exchange_n(&u->lock, 1, __ATOMIC_ACQUIRE))
+        sched_yield();
+}
+
+static void unlock(struct gw_umemq *u)
+{
+    __atomic_store_n(&u->lock, 0, __ATOMIC_RELEASE);
+}
+
+/* Caller holds the lock. */
+static void refill_locked(struct gw_umemq *u)
+{
+    unsigned lent, want;
+
+    *u->npool += gw_xsk_reap(u->comp, u->pool, *u->npool, u->nframes, u->mask);
+    lent = u->fill->size - xsk_prod_nb_free(u->fill, u->fill->size);
+    want = lent < u->fill_target ? u->fill_target - lent : 0;
+    if (want) {
+        *u->npool -= gw_xsk_fill(u->fill, u->pool, *u->npool, want);
+        if (xsk_ring_prod__needs_wakeup(u->fill))
+            recvfrom(u->fd, NULL, 0, MSG_DONTWAIT, NULL, NULL);
+    }
+}
+
+void gw_umemq_refill(struct gw_umemq *u)
+{
+    lock(u);
+    refill_locked(u);
+    unlock(u);
+}
+
+static unsigned take_frames(struct gw_umemq *u, __u64 *addrs, unsigned n)
+{
+    unsigned k;
+
+    lock(u);
+    *u->npool += gw_xsk_reap(u->comp, u->pool, *u->npool, u->nframes, u->mask);
+    k = n < *u->npool ? n : *u->npool;
+    for (unsigned i = 0; i < k; i++)
+        addrs[i] = u->pool[--*u->npool];
+    unlock(u);
+    return k;
+}
+
+static void give_frames(struct gw_umemq *u, const __u64 *addrs, unsigned n)
+{
+    lock(u);
+    for (unsigned i = 0; i < n && *u->npool < u->nframes; i++)
+        u->pool[(*u->npool)++] = addrs[i] & u->mask;
+    unlock(u);
+}
+
+/* Put frames on the TX ring and kick until the kernel took them: in copy mode
+   each kick moves at most 32, and nothing else would kick for the rest. */
+static void transmit(struct xsk_ring_prod *tx, int fd, const __u64 *addrs,
+                     const uint32_t *lens, unsigned n)
+{
+    __u32 idx;
+
+    if (!n || xsk_ring_prod__reserve(tx, n, &idx) != n)
+        return;                                 /* callers checked the room */
+    for (unsigned i = 0; i < n; i++) {
+        struct xdp_desc *d = xsk_ring_prod__tx_desc(tx, idx + i);
+        d->addr = addrs[i];
+        d->len = lens[i];
+        d->options = 0;
+    }
+    xsk_ring_prod__submit(tx, n);
+    for (int k = 0; k < MAX_KICKS && xsk_ring_prod__needs_wakeup(tx); k++) {
+        gw_xsk_kick(fd);
+        if (__atomic_load_n(tx->consumer, __ATOMIC_ACQUIRE) == *tx->producer)
+            break;
+    }
+}
+
+static unsigned tx_room(struct gw_umemq *u, struct xsk_ring_prod *tx, unsigned n)
+{
+    unsigned room = xsk_prod_nb_free(tx, n);
+    if (room < n) {
+        u->tx_ring_full++;
+        n = room;
+    }
+    return n > MAX_BURST ? MAX_BURST : n;
+}
+
+int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
+                      unsigned n)
+{
+    __u64 addrs[MAX_BURST];
+    uint32_t lens[MAX_BURST];
+    unsigned k;
+    int got;
+
+    if (vq->error)
+        return -1;
+    if (!gw_vq_pending(vq))
+        return 0;
+    n = tx_room(u, tx, n);
+    k = take_frames(u, addrs, n);
+    if (k < n)
+        u->tx_no_frame++;
+    if (!k)
+        return 0;
+    got = gw_vq_tx_burst(vq, u->area, (const uint64_t *)addrs, (uint32_t)u->frame_size, lens, k);
+    if (got > 0)
+        transmit(tx, fd, addrs, lens, (unsigned)got);
+    give_frames(u, addrs + (got > 0 ? got : 0), k - (got > 0 ? (unsigned)got : 0));
+    return got;
+}
+
+int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *rx, unsigned n)
+{
+    __u64 offs[MAX_BURST];
+    uint32_t lens[MAX_BURST], idx, k;
+    int got;
+
+    if (vq->error)
+        return -1;
+    k = xsk_ring_cons__peek(rx, n > MAX_BURST ? MAX_BURST : n, &idx);
+    if (!k)
+        return 0;
+    for (uint32_t i = 0; i < k; i++) {
+        /* The kernel wrote these; a frame overrunning its chunk would be its
+           bug, but refusing one costs nothing. */
+        const struct xdp_desc *d = xsk_ring_cons__rx_desc(rx, idx + i);
+        int inside = (d->addr & ~u->mask) + d->len <= u->frame_size
+                     && d->addr < (__u64)u->nframes * u->frame_size;
+        offs[i] = inside ? d->addr : 0;
+        lens[i] = inside ? d->len : 0;
+    }
+    got = gw_vq_rx_burst(vq, u->area, (const uint64_t *)offs, lens, k);
+    if (got < 0) {
+        xsk_ring_cons__cancel(rx, k);
+        return -1;
+    }
+    xsk_ring_cons__cancel(rx, k - (uint32_t)got);   /* the rest waits for guest buffers */
+    xsk_ring_cons__release(rx, (uint32_t)got);
+    lock(u);
+    for (int i = 0; i < got && *u->npool < u->nframes; i++)
+        u->pool[(*u->npool)++] = offs[i] & u->mask;
+    refill_locked(u);
+    unlock(u);
+    return got;
+}
+
+int gw_xsk_send(struct gw_umemq *u, struct xsk_ring_prod *tx, int fd, const uint8_t *base,
+                const uint64_t *offs, const uint32_t *lens, unsigned n)
+{
+    __u64 addrs[MAX_BURST], sent[MAX_BURST], spare[MAX_BURST];
+    uint32_t sent_lens[MAX_BURST];
+    unsigned k, m = 0, s = 0;
+
+    k = take_frames(u, addrs, tx_room(u, tx, n));
+    for (unsigned i = 0; i < k; i++) {
+        if (lens[i] == 0 || lens[i] > u->frame_size) {
+            spare[s++] = addrs[i];
+            continue;
+        }
+        memcpy(u->area + addrs[i], base + offs[i], lens[i]);
+        sent_lens[m] = lens[i];
+        sent[m++] = addrs[i];
+    }
+    transmit(tx, fd, sent, sent_lens, m);
+    give_frames(u, spare, s);
+    return (int)m;
+}
+
+unsigned gw_xsk_rx_waiting(struct xsk_ring_cons *rx)
+{
+    return xsk_cons_nb_avail(rx, UINT32_MAX);
+}

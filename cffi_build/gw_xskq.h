@@ -1,0 +1,50 @@
+/*
+ * AF_XDP <-> virtqueue bursts: one copy per frame, between guest buffers and
+ * UMEM frames, with the GIL released. Needs gw_ring.h and gw_xsk.h first.
+ *
+ * One struct gw_umemq per NIC queue, over that queue's Umem (xdp/xsk.py).
+ * Every device socket on the queue shares the UMEM, so their workers share
+ * its fill and completion rings and its free-frame stack: those are touched
+ * only under `lock`, a spinlock held for a few ring operations per burst.
+ * Each socket's own RX and TX rings belong to one worker and need no lock.
+ * Once workers run, Python must not use Umem.alloc/free/fill/reap: frames for
+ * the wire go through gw_xsk_send.
+ *
+ * Read by cffi's cdef too: declarations only.
+ */
+
+struct gw_umemq {
+    uint8_t *area;
+    __u64 frame_size;          /* power of two */
+    __u64 mask;                /* ~(frame_size - 1): any address -> its frame */
+    struct xsk_ring_prod *fill;
+    struct xsk_ring_cons *comp;
+    __u64 *pool;               /* free frames: a stack pool[0..*npool) */
+    unsigned *npool;
+    unsigned nframes;
+    unsigned fill_target;      /* keep about this many frames lent to the kernel */
+    int fd;                    /* the UMEM owner socket, for fill-ring wake-ups */
+    uint32_t lock;
+    uint64_t tx_no_frame;      /* TX bursts cut short for want of a free frame */
+    uint64_t tx_ring_full;     /* ... or of room in the socket's TX ring */
+};
+
+/* Return completed TX frames to the pool and top up the fill ring. */
+void gw_umemq_refill(struct gw_umemq *u);
+
+/* Guest TX -> socket TX, up to n frames. Frames sent, or -1 if the guest broke
+   the ring (vq->error says how). */
+int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
+                      unsigned n);
+
+/* Socket RX -> guest RX, up to n frames. Frames delivered or dropped as too
+   big, or -1; those the guest has no buffers for stay in the RX ring. */
+int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *rx, unsigned n);
+
+/* Frames (base + offs[i], lens[i]) to the wire, copied into UMEM frames: the
+   slow path for control frames. Returns how many were queued. */
+int gw_xsk_send(struct gw_umemq *u, struct xsk_ring_prod *tx, int fd, const uint8_t *base,
+                const uint64_t *offs, const uint32_t *lens, unsigned n);
+
+/* Frames waiting in a socket's RX ring. */
+unsigned gw_xsk_rx_waiting(struct xsk_ring_cons *rx);

@@ -1,0 +1,124 @@
+"""A device's port on a NIC: its slot in the XDP program and its AF_XDP sockets.
+
+Device queue pair p sends on NIC queue p and receives from every NIC queue q
+with q % P == p (P = the device's queue pairs), so each socket's TX and RX
+ring has exactly one worker and every NIC queue is read by someone. Each burst
+is one C call that copies between guest buffers and UMEM frames
+(cffi_build/gw_xskq.c), once per frame.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gateway._native import lib
+from gateway.datapath.port import BURST, FRAME_SIZE
+from gateway.virtio.ring import FrameBuffer, VirtQueue
+from gateway.xdp import link
+from gateway.xdp.nic import Nic, QueueUmem
+from gateway.xdp.program import is_unicast
+from gateway.xdp.xsk import STATS_KEYS, XskSocket
+
+log = logging.getLogger(__name__)
+
+Sock = tuple[QueueUmem, XskSocket]
+
+
+class XdpQueue:
+    def __init__(self, rx: list[Sock], tx: Sock) -> None:
+        self.rx, self.tx = rx, tx
+        self.fds = tuple(s.fd for _, s in rx)
+        self._backlog = False
+        self._raw: FrameBuffer | None = None
+
+    def from_guest(self, txq: VirtQueue) -> int:
+        qu, s = self.tx
+        return txq.check(lib.gw_xsk_from_guest(txq.native, qu.native, s.tx, s.fd, BURST))
+
+    def to_guest(self, rxq: VirtQueue) -> int:
+        moved, waiting = 0, 0
+        for qu, s in self.rx:
+            moved += rxq.check(lib.gw_xsk_to_guest(rxq.native, qu.native, s.rx, BURST))
+            waiting += lib.gw_xsk_rx_waiting(s.rx)
+        self._backlog = waiting > 0
+        return moved
+
+    def backlog(self) -> bool:
+        """Only asked after a pass that moved nothing: frames still waiting in an
+        RX ring then mean the guest has no buffers for them."""
+        return self._backlog
+
+    def send_raw(self, frames: list[bytes]) -> None:
+        if self._raw is None:
+            self._raw = FrameBuffer(BURST, FRAME_SIZE)
+        qu, s = self.tx
+        for i in range(0, len(frames), BURST):
+            chunk = frames[i : i + BURST]
+            for j, f in enumerate(chunk):
+                self._raw.put(j, f)
+            lib.gw_xsk_send(qu.native, s.tx, s.fd, self._raw.base, self._raw.offs,
+                            self._raw.lens, len(chunk))
+
+
+class XdpPort:
+    """Create with everything checked first; `close()` undoes it all."""
+
+    def __init__(self, nic: Nic, name: str, mac: str, *, queue_pairs: int = 1,
+                 mtu: int = 1500) -> None:
+        if not is_unicast(mac):
+            raise link.LinkError(f"{mac} is not a unicast MAC address")
+        if not 1 <= queue_pairs <= nic.nqueues:
+            raise link.LinkError(f"{queue_pairs} queue pairs asked, {nic.name} has "
+                                 f"{nic.nqueues} queues")
+        self.max_frame = link.check_mtu(nic.link, mtu, FRAME_SIZE)
+        self.nic, self.name, self.mac = nic, name, mac
+        self.queue_pairs, self.mtu = queue_pairs, mtu
+        self.slot = nic.free_slot()
+        self.sockets: dict[int, Sock] = {}
+        self.filter: str | None = None
+        nic.slots[self.slot] = self
+        try:
+            self.filter = link.add_mac_filter(nic.name, mac)
+            for q in range(nic.nqueues):
+                self.sockets[q] = nic.socket_on(q)
+                nic.program.set_socket(self.slot, q, self.sockets[q][1].fd)
+            nic.program.set_device(self.slot, mac, self.max_frame, running=False)
+        except BaseException:
+            self.close()
+            raise
+        self.mode = next(iter(self.sockets.values()))[1].mode
+        log.info("%s: on %s slot %d, MAC %s (%s), AF_XDP %s", name, nic.name, self.slot, mac,
+                 self.filter, self.mode)
+
+    @property
+    def max_mtu(self) -> int:
+        return self.max_frame - 14
+
+    def queue(self, qp: int) -> XdpQueue:
+        n, p = self.nic.nqueues, self.queue_pairs
+        return XdpQueue([self.sockets[q] for q in range(n) if q % p == qp], self.sockets[qp % n])
+
+    def set_running(self, running: bool) -> None:
+        """Frames for a stopped device are dropped (and counted) by the XDP program
+        rather than filling sockets nobody reads."""
+        self.nic.program.set_device(self.slot, self.mac, self.max_frame, running)
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self.nic.program.counters(self.slot))
+        for key in STATS_KEYS:
+            out[key] = 0
+        for _, s in self.sockets.values():
+            for key, v in s.stats().items():
+                out[key] += v
+        return out
+
+    def close(self) -> None:
+        prog = self.nic.program
+        prog.remove_device(self.slot, self.mac)  # sockets leave the map before they close
+        for qu, s in self.sockets.values():
+            self.nic.release_socket(qu, s)
+        self.sockets.clear()
+        if self.filter is not None:
+            link.remove_mac_filter(self.nic.name, self.mac, self.filter)
+            self.filter = None
+        self.nic.slots.pop(self.slot, None)

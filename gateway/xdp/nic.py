@@ -1,0 +1,106 @@
+"""One NIC shared by every device attached to it.
+
+The NIC carries one XDP program (steering by destination MAC to a device's
+XSKMAP slots) and, per NIC queue, one UMEM: the kernel allows a single UMEM per
+(device, queue), so all devices' sockets on a queue share its frames, fill
+ring and completion ring (`struct gw_umemq`, cffi_build/gw_xskq.h). Each
+device gets a slot and one socket on every NIC queue, so whatever queue RSS
+picks for its return traffic, a socket of its own is there.
+
+Set-up runs in order and is undone in reverse, on detach or when set-up fails
+half-way: MAC filter, sockets, map entries; the program and the UMEMs go when
+the last device leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from gateway._native import ffi, lib
+from gateway.xdp import link
+from gateway.xdp.program import XdpProgram
+from gateway.xdp.xsk import Umem, XskSocket
+
+log = logging.getLogger(__name__)
+
+FRAME_SIZE = 4096
+NFRAMES = 4096  # per NIC queue: 16 MiB
+RING_SIZE = 2048
+
+
+@dataclass
+class QueueUmem:
+    """A NIC queue's UMEM and the C view of it that the bursts share."""
+
+    queue: int
+    umem: Umem
+    native: object  # struct gw_umemq *
+    sockets: list[XskSocket] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, queue: int) -> QueueUmem:
+        umem = Umem(NFRAMES, FRAME_SIZE, fill_size=RING_SIZE, comp_size=RING_SIZE)
+        u = ffi.new("struct gw_umemq *")
+        u.area = ffi.cast("uint8_t *", umem.area)
+        u.frame_size = FRAME_SIZE
+        u.mask = umem.mask
+        u.fill = umem.fill_ring
+        u.comp = umem.comp_ring
+        u.pool = umem.pool
+        u.npool = umem.npool
+        u.nframes = NFRAMES
+        u.fill_target = RING_SIZE // 2
+        u.fd = -1
+        return cls(queue, umem, u)
+
+
+class Nic:
+    def __init__(self, ifname: str, *, max_devices: int = 64) -> None:
+        self.link = link.resolve(ifname)
+        self.name = self.link.name
+        self.program = XdpProgram(ifname, max_devices=max_devices,
+                                  max_queues=max(16, self.link.rx_queues))
+        self.program.attach()
+        self.queues: dict[int, QueueUmem] = {}
+        self.slots: dict[int, object] = {}  # slot -> XdpPort
+        log.info("%s: XDP program attached (%s mode), %d queues", self.name,
+                 self.program.mode, self.link.rx_queues)
+
+    @property
+    def nqueues(self) -> int:
+        return self.link.rx_queues
+
+    def free_slot(self) -> int:
+        for slot in range(self.program.max_devices):
+            if slot not in self.slots:
+                return slot
+        raise link.LinkError(f"{self.name}: all {self.program.max_devices} device slots in use")
+
+    def socket_on(self, queue: int) -> tuple[QueueUmem, XskSocket]:
+        """A new socket on `queue`, on the queue's shared UMEM."""
+        qu = self.queues.get(queue)
+        if qu is None:
+            qu = self.queues[queue] = QueueUmem.create(queue)
+        sock = XskSocket(self.name, queue, qu.umem, rx_size=RING_SIZE, tx_size=RING_SIZE,
+                         first=not qu.sockets, busy_wait=2.0)
+        if not qu.sockets:
+            qu.native.fd = sock.fd
+            lib.gw_umemq_refill(qu.native)  # lend the kernel frames before anything arrives
+        qu.sockets.append(sock)
+        return qu, sock
+
+    def release_socket(self, qu: QueueUmem, sock: XskSocket) -> None:
+        sock.close()
+        qu.sockets.remove(sock)
+        if not qu.sockets:  # libxdp unmapped fill/comp with the last socket: start afresh
+            qu.umem.close()
+            del self.queues[qu.queue]
+
+    def close(self) -> None:
+        """Detach the program and free every UMEM; devices must be detached first."""
+        for qu in list(self.queues.values()):
+            for sock in list(qu.sockets):
+                self.release_socket(qu, sock)
+        self.program.close()
+        log.info("%s: XDP program detached", self.name)
