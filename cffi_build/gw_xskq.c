@@ -105,12 +105,46 @@ static unsigned tx_room(struct gw_umemq *u, struct xsk_ring_prod *tx, unsigned n
     return n > MAX_BURST ? MAX_BURST : n;
 }
 
-int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
-                      unsigned n)
+static uint64_t dst_mac(const uint8_t *f)
 {
-    __u64 addrs[MAX_BURST];
-    uint32_t lens[MAX_BURST];
-    unsigned k;
+    uint64_t m = 0;
+    for (int i = 0; i < 6; i++)
+        m = m << 8 | f[i];
+    return m;
+}
+
+/* Copies the frame for other guests if it is theirs too; 1 if it is only
+   theirs (unicast to a local MAC) and must not go to the wire. */
+static int keep_local(struct gw_local *l, const uint8_t *f, uint32_t len)
+{
+    int group, mine = 0;
+
+    if (!l || len < 14)
+        return 0;
+    group = f[0] & 1;
+    if (!group) {
+        uint64_t d = dst_mac(f);
+        unsigned nm = __atomic_load_n(l->nmacs, __ATOMIC_ACQUIRE);
+        for (unsigned i = 0; i < nm && !mine; i++)
+            mine = l->macs[i] == d;
+        if (!mine)
+            return 0;
+    }
+    if (l->n < l->cap) {
+        memcpy(l->base + l->offs[l->n], f, len);
+        l->lens[l->n++] = len;
+    } else {
+        l->dropped++;
+    }
+    return mine;
+}
+
+int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
+                      unsigned n, struct gw_local *local)
+{
+    __u64 addrs[MAX_BURST], wire[MAX_BURST], spare[MAX_BURST];
+    uint32_t lens[MAX_BURST], wire_lens[MAX_BURST];
+    unsigned k, w = 0, s = 0;
     int got;
 
     if (vq->error)
@@ -124,9 +158,16 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
     if (!k)
         return 0;
     got = gw_vq_tx_burst(vq, u->area, (const uint64_t *)addrs, (uint32_t)u->frame_size, lens, k);
-    if (got > 0)
-        transmit(tx, fd, addrs, lens, (unsigned)got);
-    give_frames(u, addrs + (got > 0 ? got : 0), k - (got > 0 ? (unsigned)got : 0));
+    for (unsigned i = 0; i < k; i++) {
+        if ((int)i < got && !keep_local(local, u->area + addrs[i], lens[i])) {
+            wire[w] = addrs[i];
+            wire_lens[w++] = lens[i];
+        } else {
+            spare[s++] = addrs[i];
+        }
+    }
+    transmit(tx, fd, wire, wire_lens, w);
+    give_frames(u, spare, s);
     return got;
 }
 

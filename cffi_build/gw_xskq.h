@@ -29,13 +29,29 @@ struct gw_umemq {
     uint64_t tx_ring_full;     /* ... or of room in the socket's TX ring */
 };
 
+/* Guest frames that must (also) reach other guests on the same NIC, which
+   the wire will not bring back: broadcast and multicast (sent to the wire as
+   well) and unicast to a local guest's MAC (not sent). The burst copies them
+   into base + offs[n], n < cap; Python hands them on. */
+struct gw_local {
+    const uint64_t *macs;      /* local guests' MACs, 48-bit big-endian numbers, */
+    const unsigned *nmacs;     /* ... this many: the NIC's table, shared by its queues */
+    uint8_t *base;
+    const uint64_t *offs;
+    uint32_t *lens;
+    unsigned cap;              /* slots, each at least a frame long */
+    unsigned n;                /* frames copied; the caller resets it */
+    uint64_t dropped;          /* local frames beyond cap */
+};
+
 /* Return completed TX frames to the pool and top up the fill ring. */
 void gw_umemq_refill(struct gw_umemq *u);
 
-/* Guest TX -> socket TX, up to n frames. Frames sent, or -1 if the guest broke
+/* Guest TX -> socket TX, up to n frames (local ones as struct gw_local says;
+   local may be NULL). Frames taken from the guest, or -1 if the guest broke
    the ring (vq->error says how). */
 int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
-                      unsigned n);
+                      unsigned n, struct gw_local *local);
 
 /* Socket RX -> guest RX, up to n frames. Frames delivered or dropped as too
    big, or -1; those the guest has no buffers for stay in the RX ring. */

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from gateway._native import lib
-from gateway.datapath.port import BURST, FRAME_SIZE
+from gateway._native import ffi, lib
+from gateway.datapath.port import BURST, FRAME_SIZE, MemoryQueue
 from gateway.virtio.ring import FrameBuffer, VirtQueue
 from gateway.xdp import link
 from gateway.xdp.nic import Nic, QueueUmem
@@ -25,18 +25,35 @@ Sock = tuple[QueueUmem, XskSocket]
 
 
 class XdpQueue:
-    def __init__(self, rx: list[Sock], tx: Sock) -> None:
-        self.rx, self.tx = rx, tx
-        self.fds = tuple(s.fd for _, s in rx)
+    def __init__(self, port: XdpPort, rx: list[Sock], tx: Sock, inbox: MemoryQueue | None
+                 ) -> None:
+        self.port, self.rx, self.tx, self.inbox = port, rx, tx, inbox
+        self.fds = tuple(s.fd for _, s in rx) + ((inbox.fd,) if inbox else ())
         self._backlog = False
         self._raw: FrameBuffer | None = None
+        # where the burst copies frames for other guests on the NIC
+        self._local_buf = FrameBuffer(BURST, FRAME_SIZE)
+        loc = self._local = ffi.new("struct gw_local *")
+        loc.macs, loc.nmacs = port.nic.macs, port.nic.nmacs
+        loc.base, loc.offs, loc.lens = (self._local_buf.base, self._local_buf.offs,
+                                        self._local_buf.lens)
+        loc.cap = BURST
 
     def from_guest(self, txq: VirtQueue) -> int:
         qu, s = self.tx
-        return txq.check(lib.gw_xsk_from_guest(txq.native, qu.native, s.tx, s.fd, BURST))
+        n = txq.check(lib.gw_xsk_from_guest(txq.native, qu.native, s.tx, s.fd, BURST,
+                                            self._local))
+        if self._local.n:
+            frames = [self._local_buf.frame(i) for i in range(self._local.n)]
+            self._local.n = 0
+            self.port.nic.deliver_local(frames, self.port)
+        return n
 
     def to_guest(self, rxq: VirtQueue) -> int:
         moved, waiting = 0, 0
+        if self.inbox is not None:
+            moved += self.inbox.to_guest(rxq)
+            waiting += self.inbox.backlog()
         for qu, s in self.rx:
             moved += rxq.check(lib.gw_xsk_to_guest(rxq.native, qu.native, s.rx, BURST))
             waiting += lib.gw_xsk_rx_waiting(s.rx)
@@ -76,7 +93,9 @@ class XdpPort:
         self.slot = nic.free_slot()
         self.sockets: dict[int, Sock] = {}
         self.filter: str | None = None
-        nic.slots[self.slot] = self
+        self.running = False
+        self.inbox = MemoryQueue()  # frames from other guests and broadcasts from the wire
+        nic.add_port(self.slot, self)
         try:
             self.filter = link.add_mac_filter(nic.name, mac)
             for q in range(nic.nqueues):
@@ -96,12 +115,19 @@ class XdpPort:
 
     def queue(self, qp: int) -> XdpQueue:
         n, p = self.nic.nqueues, self.queue_pairs
-        return XdpQueue([self.sockets[q] for q in range(n) if q % p == qp], self.sockets[qp % n])
+        return XdpQueue(self, [self.sockets[q] for q in range(n) if q % p == qp],
+                        self.sockets[qp % n], self.inbox if qp == 0 else None)
 
     def set_running(self, running: bool) -> None:
         """Frames for a stopped device are dropped (and counted) by the XDP program
         rather than filling sockets nobody reads."""
         self.nic.program.set_device(self.slot, self.mac, self.max_frame, running)
+        self.running = running
+
+    def give(self, frame: bytes) -> None:
+        """A frame for this guest that did not come through its sockets."""
+        if self.running and len(frame) <= self.max_frame:
+            self.inbox.inject([frame])
 
     def stats(self) -> dict[str, int]:
         out = dict(self.nic.program.counters(self.slot))
@@ -121,4 +147,5 @@ class XdpPort:
         if self.filter is not None:
             link.remove_mac_filter(self.nic.name, self.mac, self.filter)
             self.filter = None
-        self.nic.slots.pop(self.slot, None)
+        self.nic.remove_port(self.slot)
+        self.inbox.close()

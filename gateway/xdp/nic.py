@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from gateway._native import ffi, lib
 from gateway.xdp import link
-from gateway.xdp.program import XdpProgram
+from gateway.xdp.flood import FloodTap
+from gateway.xdp.program import XdpProgram, mac_key
 from gateway.xdp.xsk import Umem, XskSocket
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,14 @@ class Nic:
         self.program.attach()
         self.queues: dict[int, QueueUmem] = {}
         self.slots: dict[int, object] = {}  # slot -> XdpPort
+        # The guests' MACs, for the bursts to spot guest-to-guest frames (gw_local).
+        self.macs = ffi.new("uint64_t[]", max_devices)
+        self.nmacs = ffi.new("unsigned *")
+        try:
+            self.tap = FloodTap(self.name, self.flood)
+        except BaseException:
+            self.program.close()
+            raise
         log.info("%s: XDP program attached (%s mode), %d queues", self.name,
                  self.program.mode, self.link.rx_queues)
 
@@ -76,6 +85,39 @@ class Nic:
             if slot not in self.slots:
                 return slot
         raise link.LinkError(f"{self.name}: all {self.program.max_devices} device slots in use")
+
+    def add_port(self, slot: int, port) -> None:
+        self.slots[slot] = port
+        self._sync_macs()
+
+    def remove_port(self, slot: int) -> None:
+        self.slots.pop(slot, None)
+        self._sync_macs()
+
+    def _sync_macs(self) -> None:
+        macs = [mac_key(p.mac) for p in self.slots.values()]
+        self.nmacs[0] = 0  # bursts see a shorter table while it is rewritten, never junk
+        for i, m in enumerate(macs):
+            self.macs[i] = m
+        self.nmacs[0] = len(macs)
+
+    def flood(self, frame: bytes, sender=None) -> None:
+        """A broadcast or multicast frame: every other running guest gets it."""
+        for port in list(self.slots.values()):
+            if port is not sender:
+                port.give(frame)
+
+    def deliver_local(self, frames: list[bytes], sender) -> None:
+        """Frames a guest sent to other guests on this NIC (the wire will not
+        bring them back): group frames to all others, unicast to its owner."""
+        by_mac = {bytes.fromhex(p.mac.replace(":", "")): p for p in self.slots.values()}
+        for f in frames:
+            if f[0] & 1:
+                self.flood(f, sender)
+            else:
+                port = by_mac.get(f[:6])
+                if port is not None and port is not sender:
+                    port.give(f)
 
     def socket_on(self, queue: int) -> tuple[QueueUmem, XskSocket]:
         """A new socket on `queue`, on the queue's shared UMEM."""
@@ -99,6 +141,7 @@ class Nic:
 
     def close(self) -> None:
         """Detach the program and free every UMEM; devices must be detached first."""
+        self.tap.close()
         for qu in list(self.queues.values()):
             for sock in list(qu.sockets):
                 self.release_socket(qu, sock)
