@@ -72,6 +72,10 @@ def topology(queues: int = 1, subnet: int | None = None) -> Iterator[Topology]:
                            "num_rx_queues": queues, "num_tx_queues": queues},
                      num_rx_queues=queues, num_tx_queues=queues)
             (idx,) = ipr.link_lookup(ifname=nic)
+            # No IPv6 on the NIC end: the host's own router solicitations and
+            # MLD reports would muddy the far host's counters.
+            with open(f"/proc/sys/net/ipv6/conf/{nic}/disable_ipv6", "w") as f:
+                f.write("1")
             ipr.link("set", index=idx, state="up")
             nic_mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
         with NetNS(ns) as far:

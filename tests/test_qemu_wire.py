@@ -1,0 +1,72 @@
+"""A real Linux guest (QEMU 7.2, TCG) on the wire through the gateway."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gateway.datapath.xdp_port import XdpPort
+from gateway.registry import Registry
+from gateway.testing import qemu
+from gateway.testing.guest import ensure_guest, make_initrd
+from gateway.testing.netns import topology
+from gateway.vhost.transport import VhostService
+from gateway.xdp.nic import Nic
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(not qemu.qemu_available(), reason="qemu-system-x86_64 not installed"),
+]
+
+GUEST_MAC = "52:54:00:12:34:56"
+BLOB_SIZE = 10 << 20
+
+SCENARIO = """
+ip link set eth0 up
+ip addr add {ip}/24 dev eth0
+i=0
+while [ "$(cat /sys/class/net/eth0/operstate)" != up ] && [ $i -lt 100 ]; do
+    sleep 0.1; i=$((i+1))
+done
+ping -c 3 -W 2 {far} >/dev/null && echo "GW-GUEST: ping ok"
+echo "GW-GUEST: md5 $(wget -q -O - http://{far}:8000/blob | md5sum | cut -d' ' -f1)"
+"""
+
+
+def test_linux_guest_pings_and_downloads_over_tcp(tmp_path):
+    blob = os.urandom(BLOB_SIZE)
+    (tmp_path / "blob").write_bytes(blob)
+    with topology() as topo:
+        ip = f"10.{topo.peer_ip.split('.')[1]}.0.2"
+        server = topo.popen(sys.executable, "-m", "http.server", "8000", "--bind",
+                            topo.peer_ip, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+        nic = Nic(topo.nic)
+        service = VhostService().start()
+        port = XdpPort(nic, "vm0", GUEST_MAC)
+        try:
+            dev = Registry().create("vm0", port, max_mtu=port.max_mtu)
+            path = str(tmp_path / "vm0.sock")
+            service.listen(dev, path)
+            image = ensure_guest()
+            initrd = make_initrd(image, SCENARIO.format(ip=ip, far=topo.peer_ip),
+                                 tmp_path / "initrd")
+            with qemu.QemuGuest(image.kernel, initrd,
+                                nics=[qemu.VhostUserNic(socket=path, mac=GUEST_MAC)],
+                                log_path=tmp_path / "console.log") as vm:
+                vm.wait_for(r"GW-GUEST: ping ok", 120)
+                m = vm.wait_for(r"GW-GUEST: md5 (\w+)", 120)
+                vm.wait_for(r"GW-GUEST: scenario exit 0", 30)
+            assert m.group(1) == hashlib.md5(blob).hexdigest()
+            stats = dev.stats()
+            assert stats["rx_bytes"] > BLOB_SIZE
+        finally:
+            service.stop()
+            port.close()
+            nic.close()
+            server.kill()
+            server.wait()
