@@ -365,3 +365,32 @@ def test_an_idle_device_sleeps(wire):
         threading.Event().wait(1.0)  # one idle second is what is being measured
         busy = time.process_time() - before
     assert busy < 0.1, f"{busy:.2f} s of CPU in an idle second"
+
+
+CRASHER = """
+import os, sys
+from gateway.datapath.xdp_port import XdpPort
+from gateway.xdp.nic import Nic
+nic = Nic(sys.argv[1])
+XdpPort(nic, "vm0", sys.argv[2])
+print("attached", flush=True)
+os._exit(0)  # a crash: nothing undone
+"""
+
+
+def test_the_next_start_cleans_up_after_a_crash():
+    with topology() as topo:
+        out = subprocess.run([sys.executable, "-c", CRASHER, topo.nic, GUEST_MAC],
+                             capture_output=True, text=True, timeout=60)
+        assert "attached" in out.stdout, out.stderr
+        stale, _ = link.xdp_state(topo.nic)
+        assert stale is not None and GUEST_MAC in link.fdb_entries(topo.nic)
+        nic = Nic(topo.nic)
+        try:
+            assert nic.program.replaced == stale
+            assert link.fdb_entries(topo.nic) == []
+            port = XdpPort(nic, "vm0", GUEST_MAC)  # the queue and MAC are free again
+            port.close()
+        finally:
+            nic.close()
+        assert link.xdp_state(topo.nic)[0] is None

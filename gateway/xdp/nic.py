@@ -63,6 +63,9 @@ class Nic:
         self.program = XdpProgram(ifname, max_devices=max_devices,
                                   max_queues=max(16, self.link.rx_queues))
         self.program.attach()
+        for mac in self.program.stale_macs:  # a crashed run's MAC filter entries
+            link.remove_mac_filter(self.name, mac, "fdb")
+            log.warning("%s: cleaned up MAC filter %s left by a previous run", self.name, mac)
         self.queues: dict[int, QueueUmem] = {}
         self.slots: dict[int, object] = {}  # slot -> XdpPort
         # The guests' MACs, for the bursts to spot guest-to-guest frames (gw_local).

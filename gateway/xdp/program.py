@@ -197,6 +197,48 @@ def prog_info(prog_id: int) -> dict[str, Any] | None:
         os.close(fd)
 
 
+_BPF_MAP_GET_NEXT_KEY = 4
+
+
+def stale_macs(prog_id: int) -> list[str]:
+    """The MACs a (stale) gateway program still steers, read from its mac2slot
+    map before it goes: after a crash they name the filter entries to undo."""
+    try:
+        pfd = _fd_by_id(_BPF_PROG_GET_FD_BY_ID, prog_id)
+    except OSError:
+        return []
+    try:
+        map_ids = (ct.c_uint32 * 16)()
+        raw = _obj_info(pfd, 256, map_ids)
+    finally:
+        os.close(pfd)
+    for mid in map_ids[: min(int.from_bytes(raw[52:56], "little"), len(map_ids))]:
+        try:
+            mfd = _fd_by_id(_BPF_MAP_GET_FD_BY_ID, mid)
+        except OSError:
+            continue
+        try:
+            if _cstr(_obj_info(mfd, 128)[24:40]) != "mac2slot":
+                continue
+            keys, key, nxt = [], ct.c_uint64(), ct.c_uint64()
+            attr = (ct.c_uint8 * 24)()  # map_fd u32, pad, key u64, next_key u64
+            ct.c_uint32.from_buffer(attr, 0).value = mfd
+            ct.c_uint64.from_buffer(attr, 16).value = ct.addressof(nxt)
+            first = True
+            while len(keys) < 65536:
+                ct.c_uint64.from_buffer(attr, 8).value = 0 if first else ct.addressof(key)
+                try:
+                    _bpf(_BPF_MAP_GET_NEXT_KEY, attr)
+                except OSError:
+                    break  # ENOENT: no more keys
+                keys.append(nxt.value)
+                key.value, first = nxt.value, False
+            return [":".join(f"{k:012x}"[i:i + 2] for i in range(0, 12, 2)) for k in keys]
+        finally:
+            os.close(mfd)
+    return []
+
+
 def is_gateway_program(info: dict[str, Any] | None) -> bool:
     return bool(info) and info["name"] == PROG_NAME and MAP_NAMES <= info["map_names"]
 
@@ -231,6 +273,7 @@ class XdpProgram:
         self.mode: str | None = None  # "native" / "generic" once attached
         self.prog_id: int | None = None
         self.replaced: int | None = None  # id of our stale program replaced by attach()
+        self.stale_macs: list[str] = []  # the MACs it steered (their filters are stale too)
         bcc = import_bcc()
         self._BPF = bcc.BPF
         src_dir, cflags = find_kernel_headers()
@@ -273,6 +316,7 @@ class XdpProgram:
                     f"{self.ifname} already has an XDP program (id {pid}) that is not gateway's: "
                     f"detach it first (ip link set dev {self.ifname} xdp off)")
         for mode, pid in present.items():  # our own, stale: replace it
+            self.stale_macs = stale_macs(pid)
             self._remove(mode)
             self.replaced = pid
         errors = []
