@@ -130,12 +130,20 @@ class XdpPort:
             self.inbox.inject([frame])
 
     def stats(self) -> dict[str, int]:
+        """BPF counters of the slot, the sockets' XDP_STATISTICS (rx_ring_full and
+        friends: drops the XDP program cannot see) and, for the NIC queues this
+        device sends on, TX bursts cut short for want of frames or ring room
+        (shared with the other devices on those queues)."""
         out = dict(self.nic.program.counters(self.slot))
-        for key in STATS_KEYS:
+        for key in (*STATS_KEYS, "tx_no_frame", "tx_ring_full"):
             out[key] = 0
         for _, s in self.sockets.values():
             for key, v in s.stats().items():
                 out[key] += v
+        for q in {qp % self.nic.nqueues for qp in range(self.queue_pairs)}:
+            u = self.sockets[q][0].native
+            out["tx_no_frame"] += u.tx_no_frame
+            out["tx_ring_full"] += u.tx_ring_full
         return out
 
     def close(self) -> None:
