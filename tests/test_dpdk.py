@@ -10,6 +10,7 @@ import pytest
 from gateway.datapath.port import MemoryPort
 from gateway.registry import Registry
 from gateway.testing import testpmd as tp
+from gateway.testing.guestnet import csum
 from gateway.vhost.transport import VhostService
 
 pytestmark = [
@@ -41,13 +42,6 @@ def backend(tmp_path):
         port.close()
 
 
-def ip_checksum_ok(hdr: bytes) -> bool:
-    total = sum(struct.unpack(f"!{len(hdr) // 2}H", hdr))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total == 0xFFFF
-
-
 def assert_txonly_frame(f: bytes, size: int) -> None:
     """testpmd's txonly frame: Ether / IPv4 / UDP 9→9, `size` bytes in all."""
     assert len(f) == size
@@ -55,7 +49,7 @@ def assert_txonly_frame(f: bytes, size: int) -> None:
     ip = f[14:34]
     assert ip[0] == 0x45 and ip[9] == 17
     assert struct.unpack("!H", ip[2:4])[0] == size - 14
-    assert ip_checksum_ok(ip)
+    assert csum(ip) == 0
     assert struct.unpack("!HH", f[34:38]) == (9, 9)
 
 

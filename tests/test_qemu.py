@@ -10,6 +10,7 @@ from gateway.datapath.port import MemoryPort
 from gateway.registry import Registry
 from gateway.testing import qemu
 from gateway.testing.guest import ensure_guest, make_initrd
+from gateway.testing.guestnet import csum, ipv4, udp
 from gateway.vhost.transport import VhostService
 
 pytestmark = [
@@ -41,22 +42,10 @@ echo "GW-GUEST: rx_packets $(cat /sys/class/net/eth0/statistics/rx_packets)"
 """
 
 
-def csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def udp_to_guest(i: int) -> bytes:
-    payload = f"gateway frame {i}".encode()
-    udp = struct.pack("!HHHH", 9999, 9, 8 + len(payload), 0) + payload
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i, 0, 64, 17, 0,
-                     bytes(map(int, PEER_IP.split("."))), bytes(map(int, GUEST_IP.split("."))))
-    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
-    return GUEST_MAC + PEER_MAC + b"\x08\x00" + ip + udp
+    data = f"gateway frame {i}".encode()
+    return GUEST_MAC + PEER_MAC + b"\x08\x00" \
+        + ipv4(PEER_IP, GUEST_IP, 17, udp(PEER_IP, GUEST_IP, 9999, 9, data), ident=i)
 
 
 def is_echo_request(f: bytes) -> bool:

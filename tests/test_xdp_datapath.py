@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import socket
 import struct
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from gateway.datapath.xdp_port import XdpPort
 from gateway.registry import Registry
 from gateway.testing.frontend import Frontend, FrontendError
-from gateway.testing.guestnet import GuestHost, mac_bytes, parse_ipv4
+from gateway.testing.guestnet import GuestHost, ipv4, mac_bytes, parse_ipv4, udp
 from gateway.testing.netns import topology
 from gateway.vhost.transport import VhostService
 from gateway.xdp import link
@@ -28,25 +27,9 @@ BATCH = 500
 TIMEOUT = 20
 
 
-def csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def udp_frame(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, payload: bytes,
-              sport: int = 4000, dport: int = 5000) -> bytes:
-    s, d = socket.inet_aton(src_ip), socket.inet_aton(dst_ip)
-    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    pseudo = s + d + struct.pack("!BBH", 0, 17, len(udp))
-    udp = udp[:6] + struct.pack("!H", csum(pseudo + udp) or 0xFFFF) + udp[8:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0, s, d)
-    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
-    return bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", "")) \
-        + b"\x08\x00" + ip + udp
+def udp_frame(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, data: bytes) -> bytes:
+    return mac_bytes(dst_mac) + mac_bytes(src_mac) + b"\x08\x00" \
+        + ipv4(src_ip, dst_ip, 17, udp(src_ip, dst_ip, 4000, 5000, data))
 
 
 def payload(i: int) -> bytes:

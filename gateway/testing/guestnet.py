@@ -43,6 +43,14 @@ def ipv4(src: str, dst: str, proto: int, payload: bytes, ident: int = 0) -> byte
     return hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:] + payload
 
 
+def udp(src: str, dst: str, sport: int, dport: int, data: bytes) -> bytes:
+    """A UDP datagram with its checksum (over the IPv4 pseudo-header) filled in."""
+    dgram = struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 17,
+                                                                          len(dgram))
+    return dgram[:6] + struct.pack("!H", csum(pseudo + dgram) or 0xFFFF) + dgram[8:]
+
+
 def icmp_echo(kind: int, ident: int, seq: int, data: bytes) -> bytes:
     msg = struct.pack("!BBHHH", kind, 0, 0, ident, seq) + data
     return msg[:2] + struct.pack("!H", csum(msg)) + msg[4:]
