@@ -254,26 +254,33 @@ class VhostService:
             ep.device.detach(conn)
 
 
-def _bind(path: str) -> socket.socket:
-    """Listen on `path`, replacing a stale socket file but never a live one."""
+def check_socket_path(path: str) -> bool:
+    """Raise SocketInUse unless we may listen on `path`; True if a stale socket
+    file is there (nobody listens on it any more) and must be removed first."""
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise SocketInUse(f"{os.path.dirname(os.path.abspath(path))} does not exist")
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise SocketInUse(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError as e:
-            if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise
-            os.unlink(path)  # stale: nobody listens any more
-        else:
-            raise SocketInUse(f"{path} is in use by another process")
-        finally:
-            probe.close()
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as e:
+        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise
+        return True
+    finally:
+        probe.close()
+    raise SocketInUse(f"{path} is in use by another process")
+
+
+def _bind(path: str) -> socket.socket:
+    """Listen on `path`, replacing a stale socket file but never a live one."""
+    if check_socket_path(path):
+        os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.bind(path)

@@ -1,0 +1,280 @@
+"""The library API the daemon serves: attach, detach, list, stats.
+
+`Gateway` owns everything with a kernel side (NICs with their XDP program and
+UMEMs, ports, vhost sockets) and the record of attachments in the state
+directory, so a restarted daemon re-creates them. `attach` checks every input
+before it touches the system; a refusal is a GatewayError whose text is the
+one line the operator sees.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+
+import netaddr
+
+from gateway.datapath.port import FRAME_SIZE
+from gateway.datapath.xdp_port import XdpPort
+from gateway.registry import NAME_RE, Registry
+from gateway.vhost.device import VhostDevice
+from gateway.vhost.transport import SocketInUse, VhostService, check_socket_path
+from gateway.virtio import features as vf
+from gateway.xdp import link
+from gateway.xdp.nic import Nic
+from gateway.xdp.program import XdpError
+from gateway.xdp.xsk import XskError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "attachments.json"
+
+
+def _locked(method):
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
+class GatewayError(Exception):
+    """A request refused with one line of explanation (CLI exit code 2)."""
+
+
+@dataclass
+class Attachment:
+    name: str
+    iface: str
+    mac: str
+    queues: int = 1
+    mode: str = "server"  # server: we listen on `socket`; client: we connect to it
+    socket: str = ""
+    mtu: int = 1500
+
+
+def default_mac(name: str) -> str:
+    """Stable and locally administered: the same NAME always gets the same MAC."""
+    b = bytearray(hashlib.sha256(b"gateway:" + name.encode()).digest()[:6])
+    b[0] = (b[0] & 0xFC) | 0x02  # unicast, locally administered
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def normalise_mac(mac: str) -> str:
+    try:
+        eui = netaddr.EUI(mac)
+    except (netaddr.AddrFormatError, TypeError, ValueError):
+        raise GatewayError(f"bad MAC address {mac!r}") from None
+    if eui.words[0] & 1:
+        raise GatewayError(f"MAC {mac} is a multicast address: a guest needs a unicast one")
+    eui.dialect = netaddr.mac_unix_expanded
+    return str(eui)
+
+
+def qemu_args(a: Attachment) -> list[str]:
+    chardev = f"socket,id=gw-{a.name},path={a.socket}"
+    chardev += ",server=on,wait=off" if a.mode == "client" else ",reconnect=1"
+    dev = f"virtio-net-pci,netdev=gw-{a.name},mac={a.mac}"
+    if a.queues > 1:
+        dev += f",mq=on,vectors={2 * a.queues + 2}"
+    return [
+        "-object", "memory-backend-memfd,id=mem,size=<RAM>,share=on",
+        "-machine", "memory-backend=mem",
+        "-chardev", chardev,
+        "-netdev", f"vhost-user,id=gw-{a.name},chardev=gw-{a.name},queues={a.queues}",
+        "-device", dev,
+    ]  # fmt: skip
+
+
+def libvirt_xml(a: Attachment) -> str:
+    mode = "server" if a.mode == "client" else "client"  # libvirt names QEMU's side
+    driver = f"\n  <driver queues='{a.queues}'/>" if a.queues > 1 else ""
+    return (
+        "<memoryBacking>\n  <source type='memfd'/>\n  <access mode='shared'/>\n</memoryBacking>\n"
+        f"<interface type='vhostuser'>\n  <mac address='{a.mac}'/>\n"
+        f"  <source type='unix' path='{a.socket}' mode='{mode}'/>\n"
+        f"  <model type='virtio'/>{driver}\n</interface>"
+    )
+
+
+class Gateway:
+    def __init__(self, run_dir: str, state_dir: str | None = None) -> None:
+        self.run_dir, self.state_dir = run_dir, state_dir
+        self.registry = Registry()
+        self.service = VhostService().start()
+        self.nics: dict[str, Nic] = {}
+        self.attached: dict[str, tuple[Attachment, XdpPort, VhostDevice]] = {}
+        self.lock = threading.RLock()  # metrics scrapes read while requests change things
+
+    # -- attach / detach ---------------------------------------------------------
+
+    def check(self, a: Attachment) -> link.LinkInfo:
+        """Everything attach needs, checked before anything changes."""
+        if not NAME_RE.match(a.name):
+            raise GatewayError(f"bad name {a.name!r}: use 1-32 letters, digits, '_', '.', '-'")
+        if a.name in self.attached:
+            raise GatewayError(f"a device named {a.name} is already attached")
+        a.mac = normalise_mac(a.mac or default_mac(a.name))
+        for other, _, _ in self.attached.values():
+            if other.mac == a.mac:
+                raise GatewayError(f"MAC {a.mac} is already used by {other.name}")
+            if other.socket == a.socket:
+                raise GatewayError(f"socket {a.socket} is already used by {other.name}")
+        if a.mode not in ("server", "client"):
+            raise GatewayError(f"bad socket mode {a.mode!r}")
+        try:
+            info = link.resolve(a.iface)
+        except link.LinkError as e:
+            raise GatewayError(str(e)) from None
+        if not 1 <= a.queues <= info.rx_queues:
+            raise GatewayError(f"--queues {a.queues}: {a.iface} has {info.rx_queues} queue(s)")
+        if not 68 <= a.mtu <= 65535:
+            raise GatewayError(f"--mtu {a.mtu} is outside 68..65535")
+        try:
+            link.check_mtu(info, a.mtu, FRAME_SIZE)
+        except link.LinkError as e:
+            raise GatewayError(str(e)) from None
+        if a.mode == "server":
+            try:
+                check_socket_path(a.socket)
+            except SocketInUse as e:
+                raise GatewayError(f"socket path taken: {e}") from None
+        return info
+
+    @_locked
+    def attach(self, a: Attachment, *, save: bool = True) -> dict:
+        if not a.socket:
+            a.socket = os.path.join(self.run_dir, f"{a.name}.sock")
+        a.socket = os.path.abspath(a.socket)
+        self.check(a)
+        nic = self.nics.get(a.iface)
+        try:
+            if nic is None:
+                nic = self.nics[a.iface] = Nic(a.iface)
+            port = XdpPort(nic, a.name, a.mac, queue_pairs=a.queues, mtu=a.mtu)
+        except (link.LinkError, XdpError, XskError, OSError) as e:
+            self._drop_idle_nic(a.iface)
+            raise GatewayError(f"cannot attach {a.name} to {a.iface}: {e}") from None
+        try:
+            dev = self.registry.create(a.name, port, queue_pairs=a.queues, max_mtu=port.max_mtu)
+            if a.mode == "server":
+                self.service.listen(dev, a.socket)
+            else:
+                self.service.connect(dev, a.socket)
+        except BaseException:
+            if a.name in {d.name for d in self.registry}:
+                self.registry.remove(a.name)
+            port.close()
+            self._drop_idle_nic(a.iface)
+            raise
+        self.attached[a.name] = (a, port, dev)
+        if save:
+            self._save()
+        log.info("%s: attached to %s (%s, %s)", a.name, a.iface, a.mac, a.socket)
+        return self.describe(a.name)
+
+    @_locked
+    def detach(self, name: str, *, save: bool = True) -> None:
+        if name not in self.attached:
+            raise GatewayError(f"no device named {name}")
+        a, port, _ = self.attached.pop(name)
+        try:
+            self.service.remove(name)
+        finally:
+            self.registry.remove(name)
+            port.close()
+            self._drop_idle_nic(a.iface)
+        if save:
+            self._save()
+        log.info("%s: detached", name)
+
+    def _drop_idle_nic(self, iface: str) -> None:
+        nic = self.nics.get(iface)
+        if nic is not None and not nic.slots:
+            del self.nics[iface]
+            nic.close()
+
+    # -- queries ------------------------------------------------------------------
+
+    def describe(self, name: str) -> dict:
+        a, port, dev = self.attached[name]
+        d = asdict(a)
+        d.update(
+            state=dev.state,
+            reason=dev.broken_reason,
+            features=vf.names(dev.negotiated_features),
+            xdp_mode=port.nic.program.mode,
+            bind_mode=port.mode,
+            qemu_args=qemu_args(a),
+            libvirt_xml=libvirt_xml(a),
+        )
+        return d
+
+    @_locked
+    def list(self) -> list[dict]:
+        return [self.describe(n) for n in sorted(self.attached)]
+
+    @_locked
+    def stats(self, name: str | None = None) -> dict:
+        if name is not None and name not in self.attached:
+            raise GatewayError(f"no device named {name}")
+        out = {}
+        for n in sorted(self.attached) if name is None else [name]:
+            _, port, dev = self.attached[n]
+            s = dev.stats()
+            p = port.stats()
+            drops = dict(s["drops"])
+            for reason in ("drop_no_socket", "drop_stopped", "drop_too_big"):
+                drops["xdp_" + reason.removeprefix("drop_")] = p[reason]
+            for reason in ("rx_dropped", "rx_ring_full", "rx_fill_ring_empty_descs",
+                           "tx_ring_full", "tx_no_frame"):
+                drops[reason] = p[reason]
+            out[n] = {k: s[k] for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")}
+            out[n]["drops"] = drops
+        return {"devices": out}
+
+    # -- persistence and shutdown --------------------------------------------------
+
+    def _save(self) -> None:
+        if not self.state_dir:
+            return
+        path = os.path.join(self.state_dir, STATE_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump([asdict(a) for a, _, _ in self.attached.values()], f, indent=1)
+        os.replace(tmp, path)
+
+    def restore(self) -> list[str]:
+        """Re-create the saved attachments; what failed is logged and kept on file."""
+        if not self.state_dir:
+            return []
+        try:
+            with open(os.path.join(self.state_dir, STATE_FILE)) as f:
+                saved = [Attachment(**d) for d in json.load(f)]
+        except FileNotFoundError:
+            return []
+        except (ValueError, TypeError) as e:
+            log.error("ignoring unreadable %s: %s", STATE_FILE, e)
+            return []
+        done = []
+        for a in saved:
+            try:
+                self.attach(a, save=False)
+                done.append(a.name)
+            except GatewayError as e:
+                log.error("%s: not restored: %s", a.name, e)
+        return done
+
+    def shutdown(self) -> None:
+        """Undo all kernel state (the state file stays, for the next start)."""
+        for name in list(self.attached):
+            try:
+                self.detach(name, save=False)
+            except Exception:
+                log.exception("%s: detach failed during shutdown", name)
+        self.service.stop()

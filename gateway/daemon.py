@@ -1,0 +1,63 @@
+"""`gateway daemon`: holds every device; the other commands talk to it.
+
+Start-up restores the attachments saved in the state directory; SIGTERM or
+SIGINT undoes all kernel state (XDP programs, MAC filters, sockets) and
+leaves the saved attachments for the next start, so a VM whose QEMU uses a
+client-mode socket gets its network back when the daemon returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+
+from gateway.api import Gateway, GatewayError
+from gateway.control import serve, socket_path
+from gateway.metrics import serve_metrics
+
+log = logging.getLogger(__name__)
+
+
+def run(run_dir: str, state_dir: str, *, metrics_listen: str | None = None,
+        ready=print) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    os.makedirs(state_dir, exist_ok=True)
+    gw = Gateway(run_dir, state_dir)
+    metrics = None
+    try:
+        if metrics_listen:
+            try:
+                metrics = serve_metrics(gw, metrics_listen)
+            except (ValueError, OSError) as e:
+                raise GatewayError(f"metrics endpoint: {e}") from None
+        asyncio.run(_main(gw, run_dir, ready))
+    finally:
+        if metrics is not None:
+            metrics[0].shutdown()
+        gw.shutdown()
+        log.info("stopped; kernel state undone")
+
+
+async def _main(gw: Gateway, run_dir: str, ready) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    one_at_a_time = concurrent.futures.ThreadPoolExecutor(1)
+    server = await serve(gw, run_dir, one_at_a_time)
+    try:
+        restored = await loop.run_in_executor(one_at_a_time, gw.restore)
+        if restored:
+            log.info("restored: %s", ", ".join(restored))
+        ready(f"gateway daemon ready on {socket_path(run_dir)}")
+        await stop.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
+        try:
+            os.unlink(socket_path(run_dir))
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,190 @@
+"""The operator's commands through the real daemon and its control socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from gateway.testing.frontend import Frontend
+from gateway.testing.netns import topology
+from gateway.xdp import link
+
+TIMEOUT = 30
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Daemon:
+    def __init__(self, run_dir: str, state_dir: str) -> None:
+        self.run_dir, self.state_dir = run_dir, state_dir
+        self.metrics = f"127.0.0.1:{free_port()}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Daemon:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "daemon", "--run-dir", self.run_dir,
+             "--state-dir", self.state_dir, "--metrics-listen", self.metrics],
+            stderr=subprocess.PIPE, text=True)
+        for line in self.proc.stderr:  # its log, until it says it is ready
+            if "gateway daemon ready" in line:
+                return self
+        raise RuntimeError(f"daemon exited with {self.proc.wait()}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(TIMEOUT)
+        self.proc.stderr.close()
+        return rc
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gateway.cli", *args,
+                               *(["--run-dir", self.run_dir] if args[0] != "--help" else [])],
+                              capture_output=True, text=True, timeout=TIMEOUT)
+
+    def ok(self, *args: str) -> str:
+        r = self.cli(*args)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+
+@pytest.fixture
+def env(tmp_path):
+    with topology() as topo:
+        d = Daemon(str(tmp_path / "run"), str(tmp_path / "state")).start()
+        try:
+            yield topo, d
+        finally:
+            if d.proc.poll() is None:
+                d.stop()
+
+
+def test_attach_list_stats_detach(env, tmp_path):
+    topo, d = env
+    out = d.ok("attach", "vm0", topo.nic)
+    assert "memory-backend-memfd" in out and "share=on" in out
+    assert "<interface type='vhostuser'>" in out and "<memoryBacking>" in out
+    dev = json.loads(d.ok("list", "--json"))["devices"][0]
+    assert dev["name"] == "vm0" and dev["iface"] == topo.nic and dev["state"] == "waiting"
+    assert f"mac={dev['mac']}" in out
+    assert dev["socket"] == os.path.join(d.run_dir, "vm0.sock") and dev["mode"] == "server"
+    assert dev["bind_mode"] == "copy" and dev["xdp_mode"] in ("native", "generic")
+    assert int(dev["mac"].split(":")[0], 16) & 2  # locally administered
+    with Frontend(dev["socket"]) as fe:  # a guest sends 10 frames to the far host
+        fe.connect().setup()
+        frames = [bytes.fromhex(topo.peer_mac.replace(":", "")) + bytes.fromhex(
+            dev["mac"].replace(":", "")) + b"\x88\xb5" + bytes([i]) * 50 for i in range(10)]
+        fe.transmit(frames)
+        fe.wait_tx_done(10)
+        listed = d.ok("list")
+        assert "vm0: running" in listed and "VERSION_1" in listed
+        stats = json.loads(d.ok("stats", "--json"))
+    c = stats["devices"]["vm0"]
+    assert set(c) == {"rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "drops"}
+    assert all(isinstance(v, int) for k, v in c.items() if k != "drops")
+    assert all(isinstance(v, int) for v in c["drops"].values())
+    assert c["tx_packets"] == 10 and c["tx_bytes"] == 10 * 64
+    # the metrics endpoint says the same
+    body = urllib.request.urlopen(f"http://{d.metrics}/metrics", timeout=TIMEOUT).read()
+    text = body.decode()
+    assert 'gateway_tx_packets_total{device="vm0"} 10.0' in text
+    assert 'gateway_drops_total{device="vm0",reason="xdp_stopped"}' in text
+    d.ok("detach", "vm0")
+    assert json.loads(d.ok("list", "--json"))["devices"] == []
+    assert link.xdp_state(topo.nic)[0] is None
+    assert link.fdb_entries(topo.nic) == []
+    assert not os.path.exists(dev["socket"])
+
+
+@pytest.mark.parametrize(
+    "args, why",
+    [
+        (["attach", "vm0", "gwtnosuchnic"], "gwtnosuchnic"),
+        (["attach", "bad name!", "{nic}"], "bad name"),
+        (["attach", "vm0", "{nic}", "--mac", "zz:zz"], "bad MAC"),
+        (["attach", "vm0", "{nic}", "--mac", "01:00:5e:00:00:01"], "multicast"),
+        (["attach", "vm0", "{nic}", "--queues", "4"], "queue"),
+        (["attach", "vm0", "{nic}", "--queues", "0"], "queue"),
+        (["attach", "vm0", "{nic}", "--mtu", "9000"], "MTU"),
+        (["attach", "vm0", "{nic}", "--socket", "/nonexistent/dir/x.sock"], "does not exist"),
+        (["attach", "vm0", "{nic}", "--socket", "{taken}"], "in use"),
+        (["attach", "vm0", "{nic}", "--socket", "a", "--client", "b"], "not both"),
+        (["detach", "nosuch"], "no device"),
+        (["stats", "nosuch"], "no device"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_refusals_are_one_line_exit_2_and_change_nothing(env, tmp_path, args, why):
+    topo, d = env
+    taken = socket.socket(socket.AF_UNIX)
+    taken.bind(str(tmp_path / "taken.sock"))
+    taken.listen(1)
+    try:
+        args = [a.format(nic=topo.nic, taken=tmp_path / "taken.sock") for a in args]
+        r = d.cli(*args)
+    finally:
+        taken.close()
+    assert r.returncode == 2, r
+    assert r.stderr.count("\n") == 1 and why in r.stderr
+    assert json.loads(d.ok("list", "--json"))["devices"] == []
+    assert link.xdp_state(topo.nic)[0] is None and link.fdb_entries(topo.nic) == []
+
+
+def test_name_and_mac_in_use(env):
+    topo, d = env
+    d.ok("attach", "vm0", topo.nic, "--mac", "52:54:00:00:00:01")
+    r = d.cli("attach", "vm0", topo.nic)
+    assert r.returncode == 2 and "already attached" in r.stderr
+    r = d.cli("attach", "vm1", topo.nic, "--mac", "52:54:00:00:00:01")
+    assert r.returncode == 2 and "already used by vm0" in r.stderr
+    assert len(json.loads(d.ok("list", "--json"))["devices"]) == 1
+
+
+def test_daemon_not_running_gets_a_hint(tmp_path):
+    d = Daemon(str(tmp_path / "run"), str(tmp_path / "state"))
+    r = d.cli("list")
+    assert r.returncode == 2 and "gateway daemon" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_restart_restores_attachments_and_sigterm_undoes_kernel_state(env):
+    topo, d = env
+    d.ok("attach", "vm0", topo.nic)
+    assert link.xdp_state(topo.nic)[0] is not None
+    assert d.stop() == 0
+    assert link.xdp_state(topo.nic)[0] is None  # SIGTERM undid it all
+    assert link.fdb_entries(topo.nic) == []
+    d.start()
+    devs = json.loads(d.ok("list", "--json"))["devices"]
+    assert [x["name"] for x in devs] == ["vm0"]
+    assert link.xdp_state(topo.nic)[0] is not None
+
+
+def test_stats_watch_shows_a_live_table(env):
+    topo, d = env
+    d.ok("attach", "vm0", topo.nic)
+    p = subprocess.Popen([sys.executable, "-m", "gateway.cli", "stats", "--watch",
+                          "--interval", "0.2", "--run-dir", d.run_dir],
+                         stdout=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "160"})
+    try:
+        seen = ""
+        for line in p.stdout:  # rich redraws; the table shows up within a refresh
+            seen += line
+            if "vm0" in seen and "pkt/s" in seen:
+                break
+        p.send_signal(signal.SIGINT)
+        assert p.wait(TIMEOUT) == 0
+    finally:
+        p.kill()
+    assert "vm0" in seen
