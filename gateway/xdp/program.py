@@ -24,9 +24,11 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import glob
+import importlib.util
 import os
 import platform
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +59,34 @@ class XdpError(Exception):
 # ------------------------------------------------------------------ environment
 
 
+DEBIAN_BCC = "/usr/lib/python3/dist-packages/bcc"
+
+
 def import_bcc():
-    """The `bcc` module, or an XdpError that says how to get it into this interpreter."""
+    """The `bcc` module, or an XdpError that says how to get it.
+
+    bcc is not on PyPI (that name is another project), so a venv usually lacks
+    it: then Debian's pure-Python package is loaded from its own directory,
+    without putting all of dist-packages (Debian's cffi, ...) on sys.path."""
     try:
         import bcc
+        return bcc
     except ImportError as e:
-        raise XdpError(
-            f"cannot import bcc ({e}): install Debian's python3-bpfcc (apt-get install "
-            "python3-bpfcc; bcc is not on PyPI) and, in a venv, make it importable with a .pth "
-            "file in site-packages naming a directory that holds only a symlink "
-            "bcc -> /usr/lib/python3/dist-packages/bcc (./run.sh does this)") from e
-    return bcc
+        first = e
+    init = os.path.join(DEBIAN_BCC, "__init__.py")
+    if os.path.isfile(init):
+        spec = importlib.util.spec_from_file_location(
+            "bcc", init, submodule_search_locations=[DEBIAN_BCC])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bcc"] = module
+        try:
+            spec.loader.exec_module(module)
+            return module
+        except Exception as e:
+            del sys.modules["bcc"]
+            first = e
+    raise XdpError(f"cannot import bcc ({first}): apt-get install python3-bpfcc "
+                   "(bcc is not on PyPI)")
 
 
 def find_kernel_headers() -> tuple[str, list[str]]:
