@@ -443,5 +443,6 @@ def test_missing_headers_and_bcc_messages(monkeypatch):
                                        "apt-get install linux-headers-amd64$"):
         program.find_kernel_headers()
     monkeypatch.setitem(sys.modules, "bcc", None)
-    with pytest.raises(XdpError, match="python3-bpfcc.*\\.pth"):
+    monkeypatch.setattr(program, "DEBIAN_BCC", "/nonexistent/bcc")
+    with pytest.raises(XdpError, match="apt-get install python3-bpfcc"):
         import_bcc()
