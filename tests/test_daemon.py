@@ -12,63 +12,9 @@ import urllib.request
 
 import pytest
 
+from gateway.testing.daemon import TIMEOUT, Daemon
 from gateway.testing.frontend import Frontend
-from gateway.testing.netns import topology
 from gateway.xdp import link
-
-TIMEOUT = 30
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Daemon:
-    def __init__(self, run_dir: str, state_dir: str) -> None:
-        self.run_dir, self.state_dir = run_dir, state_dir
-        self.metrics = f"127.0.0.1:{free_port()}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Daemon:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "daemon", "--run-dir", self.run_dir,
-             "--state-dir", self.state_dir, "--metrics-listen", self.metrics],
-            stderr=subprocess.PIPE, text=True)
-        for line in self.proc.stderr:  # its log, until it says it is ready
-            if "gateway daemon ready" in line:
-                return self
-        raise RuntimeError(f"daemon exited with {self.proc.wait()}")
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(TIMEOUT)
-        self.proc.stderr.close()
-        return rc
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "gateway.cli", *args,
-                               *(["--run-dir", self.run_dir] if args[0] != "--help" else [])],
-                              capture_output=True, text=True, timeout=TIMEOUT)
-
-    def ok(self, *args: str) -> str:
-        r = self.cli(*args)
-        assert r.returncode == 0, r.stderr
-        return r.stdout
-
-
-@pytest.fixture
-def env(tmp_path):
-    with topology() as topo:
-        d = Daemon(str(tmp_path / "run"), str(tmp_path / "state")).start()
-        try:
-            yield topo, d
-        finally:
-            if d.proc.poll() is None:
-                d.stop()
 
 
 def test_attach_list_stats_detach(env, tmp_path):

@@ -1,0 +1,45 @@
+"""A QEMU guest in client mode keeps its network across a daemon restart."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.testing import qemu
+from gateway.testing.guest import ensure_guest, make_initrd
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(not qemu.qemu_available(), reason="qemu-system-x86_64 not installed"),
+]
+
+GUEST_MAC = "52:54:00:12:34:77"
+SCENARIO = """
+ip link set eth0 up
+ip addr add {ip}/24 dev eth0
+n=0
+while [ $n -lt 400 ]; do
+    if ping -c 1 -W 1 {far} >/dev/null 2>&1; then echo "GW-GUEST: ping ok $n"
+    else echo "GW-GUEST: ping lost $n"; fi
+    n=$((n+1))
+done
+"""
+
+
+def test_guest_keeps_pinging_across_a_daemon_restart(env, tmp_path):
+    topo, d = env
+    ip = f"10.{topo.peer_ip.split('.')[1]}.0.2"
+    sock = str(tmp_path / "vm0-qemu.sock")
+    image = ensure_guest()
+    initrd = make_initrd(image, SCENARIO.format(ip=ip, far=topo.peer_ip), tmp_path / "initrd")
+    nic = qemu.VhostUserNic(socket=sock, mac=GUEST_MAC, server=True)  # QEMU listens
+    with qemu.QemuGuest(image.kernel, initrd, nics=[nic],
+                        log_path=tmp_path / "console.log") as vm:
+        d.ok("attach", "vm0", topo.nic, "--mac", GUEST_MAC, "--client", sock)
+        for _ in range(3):
+            vm.wait_for(r"GW-GUEST: ping ok", 120)
+        assert d.stop() == 0  # SIGTERM: the guest's network is gone for now
+        d.start()  # restores vm0 and dials QEMU again
+        for _ in range(3):  # the same guest, no reboot: its ping loop carries on
+            vm.wait_for(r"GW-GUEST: ping ok", 120)
+        vm.check()
+    assert "modules loaded" in vm.output() and vm.output().count("modules loaded") == 1
