@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -39,12 +40,12 @@ class Topology:
 
     def run(self, *argv: str, check: bool = True, timeout: float = 30, **kw
             ) -> subprocess.CompletedProcess:
-        """Run a command on the far host (test tooling only: ping, a server...)."""
-        return subprocess.run(["ip", "netns", "exec", self.ns, *argv], check=check,
-                              timeout=timeout, capture_output=True, text=True, **kw)
+        """Run a command on the far host (a server, ethtool, a test's sender)."""
+        return subprocess.run(in_netns(self.ns, argv), check=check, timeout=timeout,
+                              capture_output=True, text=True, **kw)
 
     def popen(self, *argv: str, **kw) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", self.ns, *argv], **kw)
+        return subprocess.Popen(in_netns(self.ns, argv), **kw)
 
     def peer_stats(self) -> dict[str, int]:
         """The far interface's counters (what arrived on the wire)."""
@@ -52,6 +53,15 @@ class Topology:
             (link,) = ns.get_links(ifname=self.peer)
             s = link.get_attr("IFLA_STATS64")
             return {k: s[k] for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")}
+
+
+_ENTER = ("import os, sys\nfrom pyroute2 import netns\n"
+          "netns.setns(sys.argv[1])\nos.execvp(sys.argv[2], sys.argv[2:])")
+
+
+def in_netns(ns: str, argv) -> list[str]:
+    """argv run inside namespace `ns` (a Python shim doing setns, then exec)."""
+    return [sys.executable, "-c", _ENTER, ns, *argv]
 
 
 @contextlib.contextmanager
