@@ -169,18 +169,19 @@ def stats(run_dir: str, name: str | None, as_json: bool, watch: bool, interval: 
 
 
 @main.command()
-@click.option("--frames", default=20000, show_default=True, type=click.IntRange(1, 10_000_000))
-@click.option("--size", default=64, show_default=True, type=click.IntRange(60, 1514),
-              help="frame size in bytes")
-def demo(frames: int, size: int) -> None:
-    """Run a device with a built-in front-end and move frames both ways."""
+@click.option("--no-wait", is_flag=True, envvar="GATEWAY_DEMO_NO_WAIT",
+              help="clean up at the end instead of waiting for Ctrl-C")
+def demo(no_wait: bool) -> None:
+    """Far host, NIC, daemon and a real Linux guest, all built here and removed after."""
     from gateway.demo import DemoFailed, run_demo
 
     try:
-        run_demo(frames, size)
+        run_demo(wait=not no_wait, say=lambda msg: click.echo(msg))
     except DemoFailed as e:
-        click.echo(f"demo failed: {e}", err=True)
-        sys.exit(1)
+        fail(f"demo failed: {e}", 1)
+    except KeyboardInterrupt:
+        click.echo("interrupted: cleaned up")
+        sys.exit(130)
     click.echo("demo ok")
 
 

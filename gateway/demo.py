@@ -1,85 +1,128 @@
-"""The built-in demo: one device, one front-end, frames both ways, counters.
+"""`gateway demo`: the whole product on a built-in default, no NIC or VM needed.
 
-It needs no NIC and no VM: the back-end listens on a unix socket in a
-temporary directory, the Python front-end (the same one the tests use) plays
-QEMU over that socket, and a MemoryPort stands in for the wire. What it prints
-comes from the device's own counters and from comparing bytes, so a broken
-ring shows up as a failure, not as a pretty table.
+1. a veth pair plays the NIC; its peer is a far host in its own namespace,
+   with an IP address and a small HTTP server;
+2. a gateway daemon starts (temporary run and state directories) and a
+   device is attached to the NIC;
+3. a real Linux guest boots in QEMU on the device's socket;
+4. the guest pings the far host and downloads a file from it;
+5. `gateway stats` shows what crossed;
+6. everything is undone, on Ctrl-C too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import struct
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 
-from gateway.datapath.port import MemoryPort
-from gateway.registry import Registry
-from gateway.testing.frontend import Frontend
-from gateway.vhost.transport import VhostService
-from gateway.virtio import features as vf
+from gateway.control import request
+from gateway.testing import qemu
+from gateway.testing.daemon import Daemon
+from gateway.testing.guest import default_cache_dir, ensure_guest, make_initrd
+from gateway.testing.netns import topology
+
+GUEST_MAC = "52:54:00:de:00:01"
+FILE_SIZE = 1 << 20
+
+SCENARIO = """
+ip link set eth0 up
+ip addr add {ip}/24 dev eth0
+i=0
+while [ "$(cat /sys/class/net/eth0/operstate)" != up ] && [ $i -lt 100 ]; do
+    sleep 0.1; i=$((i+1))
+done
+echo "GW-GUEST: ip {ip}, pinging the far host {far}"
+ping -c 3 {far} | sed 's/^/GW-GUEST:   /'
+echo "GW-GUEST: fetching http://{far}:8000/demo.bin"
+echo "GW-GUEST: md5 $(wget -q -O - http://{far}:8000/demo.bin | md5sum | cut -d' ' -f1)"
+"""
 
 
 class DemoFailed(Exception):
     pass
 
 
-def _frames(n: int, size: int, tag: int) -> list[bytes]:
-    head = bytes.fromhex("020000000002" "020000000001") + b"\x88\xb5"
-    return [head + struct.pack("!BI", tag, i) + bytes(size - 19) for i in range(n)]
-
-
-def run_demo(frames: int = 20000, size: int = 64, say: Callable[[str], None] = print) -> dict:
-    registry = Registry()
-    started = threading.Event()
-    registry.register_callbacks(on_new_device=lambda d: started.set())
-    service = VhostService().start()
-    port = MemoryPort()
+def run_demo(wait: bool = True, say: Callable[[str], None] = print) -> dict:
+    if os.geteuid() != 0:
+        raise DemoFailed("the demo creates namespaces and attaches XDP: run it as root")
+    if not qemu.qemu_available():
+        raise DemoFailed("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
     tmp = tempfile.mkdtemp(prefix="gateway-demo-")
-    path = os.path.join(tmp, "vm0.sock")
+    blob = os.urandom(FILE_SIZE)
+    with open(os.path.join(tmp, "demo.bin"), "wb") as f:
+        f.write(blob)
+    server = daemon = None
     try:
-        dev = registry.create("vm0", port)
-        service.listen(dev, path)
-        say(f"vhost-user back-end listening on {path}")
-        with Frontend(path) as fe:
-            fe.connect().setup()
-            if not started.wait(10):
-                raise DemoFailed("the device never started")
-            say(f"front-end connected; negotiated: {' '.join(vf.names(dev.negotiated_features))}")
+        say("1. creating the far host (a network namespace) and a veth pair as the NIC")
+        with topology() as topo:
+            ip = f"10.{topo.peer_ip.split('.')[1]}.0.2"
+            say(f"   NIC {topo.nic}; far host {topo.peer_ip} in namespace {topo.ns}, "
+                "serving demo.bin over HTTP")
+            server = topo.popen(sys.executable, "-m", "http.server", "8000", "--bind",
+                                topo.peer_ip, cwd=tmp, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
 
-            out = _frames(frames, size, 1)
-            t0 = time.perf_counter()
-            for i in range(0, frames, 128):
-                fe.transmit(out[i : i + 128])
-                fe.wait_tx_done(len(out[i : i + 128]))
-            got = port.queue(0).wait_received(frames, 30)
-            t_tx = time.perf_counter() - t0
-            if got != out:
-                raise DemoFailed(f"guest → port: sent {frames}, {len(got)} arrived intact")
-            say(f"guest → port: {frames} frames of {size} B intact ({frames / t_tx:,.0f} frames/s)")
+            say("2. starting the gateway daemon and attaching vm0 "
+                "(compiles the XDP program: ~1 s)")
+            daemon = Daemon(os.path.join(tmp, "run"), os.path.join(tmp, "state")).start()
+            dev = request(daemon.run_dir, "attach", name="vm0", iface=topo.nic, mac=GUEST_MAC,
+                          mode="server", socket="", queues=1, mtu=1500)
+            say(f"   vm0: {dev['mac']} on {dev['iface']}, socket {dev['socket']}, "
+                f"XDP {dev['xdp_mode']}, AF_XDP {dev['bind_mode']}")
 
-            back = _frames(frames, size, 2)
-            t0 = time.perf_counter()
-            port.queue(0).inject(back)
-            received: list[bytes] = []
-            while len(received) < frames:
-                n = min(128, frames - len(received))
-                fe.post_rx(n)
-                received += fe.receive(n)
-            t_rx = time.perf_counter() - t0
-            if received != back:
-                raise DemoFailed("port → guest: frames differ")
-            say(f"port → guest: {frames} frames of {size} B intact ({frames / t_rx:,.0f} frames/s)")
-            say("(rates are bounded by the Python front-end playing the guest, not the back-end)")
-        stats = dev.stats()
-        say(f"device counters: {stats}")
-        return stats
+            if not any(default_cache_dir().glob("guest-*")):
+                say("3. fetching a guest kernel (Debian linux-image, ~70 MB, cached after)")
+            image = ensure_guest()
+            initrd = make_initrd(image, SCENARIO.format(ip=ip, far=topo.peer_ip),
+                                 os.path.join(tmp, "initrd"))
+            say("3. booting a Linux guest in QEMU on vm0's socket (TCG: ~10 s)")
+            nic = qemu.VhostUserNic(socket=dev["socket"], mac=GUEST_MAC)
+            with qemu.QemuGuest(image.kernel, initrd, nics=[nic]) as vm:
+                say("4. the guest, on the wire through the gateway:")
+                say("   " + vm.wait_for(r"GW-GUEST: ip", 120).string)
+                m = None
+                while m is None:
+                    line = vm.wait_for(r"GW-GUEST: ", 120).string
+                    say("   " + line)
+                    if "md5 " in line:
+                        m = line.split("md5 ")[1].strip()
+                vm.wait_for(r"GW-GUEST: scenario exit", 30)
+            if m != hashlib.md5(blob).hexdigest():
+                raise DemoFailed("the file the guest fetched is not the one served")
+            say("   the guest's copy of demo.bin matches the far host's (md5)")
+
+            say("5. gateway stats:")
+            stats = request(daemon.run_dir, "stats")
+            for name, c in stats["devices"].items():
+                drops = " ".join(f"{k}={v}" for k, v in c["drops"].items() if v) or "none"
+                say(f"   {name}: rx {c['rx_packets']} pkts {c['rx_bytes']} B, "
+                    f"tx {c['tx_packets']} pkts {c['tx_bytes']} B, drops: {drops}")
+            if wait:
+                say("press Ctrl-C to clean up and stop")
+                _wait_for_ctrl_c()
+            say("6. cleaning up: daemon stopped (XDP program, MAC filter, sockets undone), "
+                "namespace and veth removed")
+            return stats
     finally:
-        service.stop()
-        port.close()
-        if os.path.exists(path):
-            os.unlink(path)
-        os.rmdir(tmp)
+        if daemon is not None and daemon.proc.poll() is None:
+            daemon.stop()
+        if server is not None:
+            server.kill()
+            server.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_for_ctrl_c() -> None:
+    done = threading.Event()
+    old = signal.signal(signal.SIGINT, lambda *_: done.set())
+    try:
+        done.wait()
+    finally:
+        signal.signal(signal.SIGINT, old)
