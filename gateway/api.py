@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import netaddr
 
@@ -115,6 +115,10 @@ class Gateway:
 
     def check(self, a: Attachment) -> link.LinkInfo:
         """Everything attach needs, checked before anything changes."""
+        for f in fields(a):  # requests come as JSON: types are not a given
+            want = int if f.type in ("int", int) else str
+            if not isinstance(getattr(a, f.name), want) or isinstance(getattr(a, f.name), bool):
+                raise GatewayError(f"{f.name} must be {'a number' if want is int else 'text'}")
         if not NAME_RE.match(a.name):
             raise GatewayError(f"bad name {a.name!r}: use 1-32 letters, digits, '_', '.', '-'")
         if a.name in self.attached:

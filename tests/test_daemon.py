@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from gateway.api import GatewayError
 from gateway.testing.daemon import TIMEOUT, Daemon
 from gateway.testing.frontend import Frontend
 from gateway.xdp import link
@@ -134,3 +135,16 @@ def test_stats_watch_shows_a_live_table(env):
     finally:
         p.kill()
     assert "vm0" in seen
+
+
+def test_malformed_control_requests_are_refused(env):
+    from gateway.control import request
+
+    topo, d = env
+    for args in ({"name": "vm0", "iface": topo.nic, "mac": "", "queues": "2"},
+                 {"name": "vm0", "iface": topo.nic, "mac": "", "bogus": 1}):
+        with pytest.raises(GatewayError):
+            request(d.run_dir, "attach", **args)
+    with pytest.raises(GatewayError, match="unknown command"):
+        request(d.run_dir, "reboot")
+    assert request(d.run_dir, "list") == []
