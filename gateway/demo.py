@@ -25,19 +25,13 @@ from collections.abc import Callable
 from gateway.control import request
 from gateway.testing import qemu
 from gateway.testing.daemon import Daemon
-from gateway.testing.guest import default_cache_dir, ensure_guest, make_initrd
+from gateway.testing.guest import default_cache_dir, ensure_guest, make_initrd, net_up
 from gateway.testing.netns import topology
 
 GUEST_MAC = "52:54:00:de:00:01"
 FILE_SIZE = 1 << 20
 
 SCENARIO = """
-ip link set eth0 up
-ip addr add {ip}/24 dev eth0
-i=0
-while [ "$(cat /sys/class/net/eth0/operstate)" != up ] && [ $i -lt 100 ]; do
-    sleep 0.1; i=$((i+1))
-done
 echo "GW-GUEST: ip {ip}, pinging the far host {far}"
 ping -c 3 {far} | sed 's/^/GW-GUEST:   /'
 echo "GW-GUEST: fetching http://{far}:8000/demo.bin"
@@ -80,7 +74,7 @@ def run_demo(wait: bool = True, say: Callable[[str], None] = print) -> dict:
             if not any(default_cache_dir().glob("guest-*")):
                 say("3. fetching a guest kernel (Debian linux-image, ~70 MB, cached after)")
             image = ensure_guest()
-            initrd = make_initrd(image, SCENARIO.format(ip=ip, far=topo.peer_ip),
+            initrd = make_initrd(image, net_up(ip) + SCENARIO.format(ip=ip, far=topo.peer_ip),
                                  os.path.join(tmp, "initrd"))
             say("3. booting a Linux guest in QEMU on vm0's socket (TCG: ~10 s)")
             nic = qemu.VhostUserNic(socket=dev["socket"], mac=GUEST_MAC)

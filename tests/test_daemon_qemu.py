@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.testing import qemu
-from gateway.testing.guest import ensure_guest, make_initrd
+from gateway.testing.guest import ensure_guest, make_initrd, net_up
 
 pytestmark = [
     pytest.mark.qemu,
@@ -14,8 +14,6 @@ pytestmark = [
 
 GUEST_MAC = "52:54:00:12:34:77"
 SCENARIO = """
-ip link set eth0 up
-ip addr add {ip}/24 dev eth0
 n=0
 while [ $n -lt 400 ]; do
     if ping -c 1 -W 1 {far} >/dev/null 2>&1; then echo "GW-GUEST: ping ok $n"
@@ -30,7 +28,8 @@ def test_guest_keeps_pinging_across_a_daemon_restart(env, tmp_path):
     ip = f"10.{topo.peer_ip.split('.')[1]}.0.2"
     sock = str(tmp_path / "vm0-qemu.sock")
     image = ensure_guest()
-    initrd = make_initrd(image, SCENARIO.format(ip=ip, far=topo.peer_ip), tmp_path / "initrd")
+    script = net_up(ip) + SCENARIO.format(ip=ip, far=topo.peer_ip)
+    initrd = make_initrd(image, script, tmp_path / "initrd")
     nic = qemu.VhostUserNic(socket=sock, mac=GUEST_MAC, server=True)  # QEMU listens
     with qemu.QemuGuest(image.kernel, initrd, nics=[nic],
                         log_path=tmp_path / "console.log") as vm:

@@ -9,7 +9,7 @@ import pytest
 from gateway.datapath.port import MemoryPort
 from gateway.registry import Registry
 from gateway.testing import qemu
-from gateway.testing.guest import ensure_guest, make_initrd
+from gateway.testing.guest import ensure_guest, make_initrd, net_up
 from gateway.testing.guestnet import csum, ipv4, udp
 from gateway.vhost.transport import VhostService
 
@@ -24,13 +24,7 @@ GUEST_IP, PEER_IP = "10.99.0.2", "10.99.0.1"
 INJECT = 20
 
 SCENARIO = f"""
-ip link set eth0 up
-ip addr add {GUEST_IP}/24 dev eth0
 arp -s {PEER_IP} 02:00:00:00:00:01
-i=0
-while [ "$(cat /sys/class/net/eth0/operstate)" != up ] && [ $i -lt 100 ]; do
-    sleep 0.1; i=$((i+1))
-done
 echo "GW-GUEST: link $(cat /sys/class/net/eth0/operstate)"
 ping -c 5 -i 0.2 -W 1 {PEER_IP} >/dev/null
 echo "GW-GUEST: pinged"
@@ -68,7 +62,7 @@ def test_linux_guest_on_the_backend(tmp_path, image, mode):
     port = MemoryPort()
     path = str(tmp_path / "vm.sock")
     dev = registry.create("vm0", port)
-    initrd = make_initrd(image, SCENARIO, tmp_path / "initrd")
+    initrd = make_initrd(image, net_up(GUEST_IP) + SCENARIO, tmp_path / "initrd")
     nic = qemu.VhostUserNic(socket=path, mac=GUEST_MAC.hex(":"), server=(mode == "client"))
     try:
         if mode == "server":

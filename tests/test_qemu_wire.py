@@ -12,7 +12,7 @@ import pytest
 from gateway.datapath.xdp_port import XdpPort
 from gateway.registry import Registry
 from gateway.testing import qemu
-from gateway.testing.guest import ensure_guest, make_initrd
+from gateway.testing.guest import ensure_guest, make_initrd, net_up
 from gateway.testing.netns import topology
 from gateway.vhost.transport import VhostService
 from gateway.xdp.nic import Nic
@@ -26,12 +26,6 @@ GUEST_MAC = "52:54:00:12:34:56"
 BLOB_SIZE = 10 << 20
 
 SCENARIO = """
-ip link set eth0 up
-ip addr add {ip}/24 dev eth0
-i=0
-while [ "$(cat /sys/class/net/eth0/operstate)" != up ] && [ $i -lt 100 ]; do
-    sleep 0.1; i=$((i+1))
-done
 ping -c 3 -W 2 {far} >/dev/null && echo "GW-GUEST: ping ok"
 echo "GW-GUEST: md5 $(wget -q -O - http://{far}:8000/blob | md5sum | cut -d' ' -f1)"
 """
@@ -53,7 +47,7 @@ def test_linux_guest_pings_and_downloads_over_tcp(tmp_path):
             path = str(tmp_path / "vm0.sock")
             service.listen(dev, path)
             image = ensure_guest()
-            initrd = make_initrd(image, SCENARIO.format(ip=ip, far=topo.peer_ip),
+            initrd = make_initrd(image, net_up(ip) + SCENARIO.format(ip=ip, far=topo.peer_ip),
                                  tmp_path / "initrd")
             with qemu.QemuGuest(image.kernel, initrd,
                                 nics=[qemu.VhostUserNic(socket=path, mac=GUEST_MAC)],

@@ -406,6 +406,14 @@ def ensure_guest(cache_dir: Path | str | None = None) -> GuestImage:
     return img
 
 
+def net_up(ip: str) -> str:
+    """Guest shell lines: eth0 up with `ip`/24, then wait (up to 10 s) for carrier,
+    which comes when the vhost-user back-end has the device running."""
+    return (f"ip link set eth0 up\nip addr add {ip}/24 dev eth0\ni=0\n"
+            'while [ "$(cat /sys/class/net/eth0/operstate)" != up ] && [ $i -lt 100 ]; do\n'
+            "    sleep 0.1; i=$((i+1))\ndone\n")
+
+
 def scenario_cpio(script: str, files: dict[str, bytes] | None = None) -> bytes:
     """A newc archive holding /scenario.sh (and optional extra files)."""
     w = CpioWriter()
