@@ -57,6 +57,9 @@ def measure(topo, seconds: float) -> float:
 
 def run_gateway(topo, size: int, seconds: float) -> float:
     with ExitStack() as stack:
+        old = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {0})  # threads started from here on inherit CPU 0
+        stack.callback(os.sched_setaffinity, 0, old)
         nic = Nic(topo.nic)
         stack.callback(nic.close)
         port = XdpPort(nic, "bench", GUEST_MAC)

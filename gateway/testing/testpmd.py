@@ -12,7 +12,8 @@ Usage::
 The port is ``net_virtio_user0`` on ``sock`` (``server=True``: testpmd
 listens there and, in DPDK 22.11, blocks its startup until a backend
 connects; the first command then waits for it). ``vdev=`` replaces the
-whole --vdev string (e.g. ``net_vhost0,iface=SOCK`` for a vhost backend).
+whole --vdev string (e.g. ``net_vhost0,iface=SOCK`` for a vhost backend);
+``netns=`` runs testpmd inside that network namespace.
 
 testpmd runs without hugepages and PCI (``--no-huge -m 512 --no-pci``) with a
 unique ``--file-prefix``; stdout is unbuffered through ``stdbuf`` so that
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.testing._proc import die_with_parent, signal_group
+from gateway.testing.netns import in_netns
 
 TESTPMD = "dpdk-testpmd"
 PROMPT = "testpmd> "
@@ -98,6 +100,7 @@ class Testpmd:
         eal_args: Sequence[str] = (),
         binary: str = TESTPMD,
         startup_timeout: float = 60.0,
+        netns: str | None = None,
     ) -> None:
         if vdev is None:
             if socket is None:
@@ -130,6 +133,8 @@ class Testpmd:
         if queues > 1 and not any(a.startswith(("--rxq", "--txq")) for a in args):
             self.argv += [f"--rxq={queues}", f"--txq={queues}"]
         self.argv += list(args)
+        if netns is not None:  # e.g. a traffic source on the far host's interface
+            self.argv = in_netns(netns, self.argv)
 
         self.proc: subprocess.Popen[bytes] | None = None
         self._buf = ""

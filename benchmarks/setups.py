@@ -1,0 +1,79 @@
+"""What a benchmark guest plugs into: a vhost-user socket served by a setup.
+
+Each context manager takes a topology (gateway.testing.netns) and yields the
+path of a vhost-user server socket that forwards between a guest and the
+topology's NIC, pinned to CPU 0 (FORWARDER_CPU); guests and traffic sources
+run on CPU 1 (SOURCE_CPU). Both setups are given the same CPU and queue count,
+so figures compare like with like.
+
+  gateway   this project's data path, in this process (threads inherit CPU 0)
+  testpmd   DPDK testpmd forwarding net_vhost <-> net_af_xdp in io mode
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+
+from gateway.datapath.xdp_port import XdpPort
+from gateway.registry import Registry
+from gateway.testing import testpmd as tp
+from gateway.vhost.transport import VhostService
+from gateway.xdp.nic import Nic
+
+FORWARDER_CPU = 0
+SOURCE_CPU = 1
+GUEST_MAC = "52:54:00:be:00:01"
+
+
+def lcores(cpu: int, workers: int = 1) -> str:
+    """testpmd --lcores: the main lcore and `workers` forwarding lcores, all on `cpu`."""
+    return ",".join(f"{i}@{cpu}" for i in range(workers + 1))
+
+
+@contextlib.contextmanager
+def pinned(cpu: int) -> Iterator[None]:
+    """Threads started inside the block run on `cpu` (they inherit the affinity)."""
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def _sock(name: str) -> str:
+    return os.path.join(tempfile.mkdtemp(prefix="gw-bench-"), name)
+
+
+@contextlib.contextmanager
+def serve_gateway(topo, queue_pairs: int = 1, mac: str = GUEST_MAC) -> Iterator[str]:
+    with contextlib.ExitStack() as stack:
+        with pinned(FORWARDER_CPU):
+            nic = Nic(topo.nic)
+            stack.callback(nic.close)
+            port = XdpPort(nic, "bench", mac, queue_pairs=queue_pairs)
+            stack.callback(port.close)
+            service = VhostService().start()
+            stack.callback(service.stop)
+            sock = _sock("gateway.sock")
+            service.listen(Registry().create("bench", port, queue_pairs=queue_pairs), sock)
+        yield sock
+
+
+@contextlib.contextmanager
+def serve_testpmd(topo, queue_pairs: int = 1) -> Iterator[str]:
+    sock = _sock("testpmd.sock")
+    vhost = f"net_vhost0,iface={sock},queues={queue_pairs}"
+    with tp.Testpmd(vdev=vhost, eal_args=["--vdev", f"net_af_xdp0,iface={topo.nic},"
+                                          f"queue_count={queue_pairs}"],
+                    lcores=lcores(FORWARDER_CPU, queue_pairs), nb_cores=queue_pairs,
+                    queues=queue_pairs, args=["--forward-mode=io"]) as fwd:
+        fwd.wait_ready()
+        fwd.start()
+        yield sock
+
+
+SERVERS = {"gateway": serve_gateway, "testpmd": serve_testpmd}
