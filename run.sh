@@ -3,6 +3,7 @@
 #
 #   ./run.sh demo [args]         .venv/bin/gateway demo [args]
 #   ./run.sh test [pytest args]  ruff check, then pytest -q -rs tests [pytest args]
+#   ./run.sh bench [args]        benchmarks/bench.py [args] (minutes: see its --help)
 #
 # Each call is self-sufficient and idempotent: missing apt packages are
 # installed (apt is skipped when all are present), .venv is created and the
@@ -30,6 +31,7 @@ usage() {
     cat >&2 <<EOF
 usage: $0 demo [args]          run the demo (gateway demo)
        $0 test [pytest args]   ruff check + pytest
+       $0 bench [args]         the benchmark (benchmarks/bench.py)
 EOF
     exit 2
 }
@@ -198,6 +200,10 @@ main() {
         "$VENV/bin/python" -c 'import gateway.cli' 2>/dev/null \
             || die "gateway.cli does not import: $("$VENV/bin/python" -c 'import gateway.cli' 2>&1 | tail -1)"
         exec "$VENV/bin/gateway" demo "$@"
+        ;;
+    bench)
+        setup "$cmd"
+        exec "$VENV/bin/python" benchmarks/bench.py "$@"
         ;;
     -h | --help | help) usage ;;
     *) usage ;;

@@ -1,138 +1,245 @@
 """Side-by-side throughput: the gateway against DPDK doing the same job.
 
-    sudo .venv/bin/python benchmarks/bench.py [--seconds 10] [--runs 3] [--json out.json]
+    ./run.sh bench [--seconds 10] [--runs 3] [--json out.json] [--plot out.png]
 
-One topology (a veth pair: the NIC in the root namespace, its peer in a far-host
-namespace), one traffic source (DPDK testpmd with virtio-user in txonly mode as
-the guest, pinned to CPU 1), counted on the far veth. Setups:
+One topology (a veth pair: the NIC in the root namespace, its peer in a
+far-host namespace), one kind of traffic source (DPDK testpmd), counted where
+the frames end up. Setups:
 
   gateway   the guest's socket is a gateway device (this project)
   testpmd   testpmd forwarding net_vhost <-> net_af_xdp in io mode (DPDK's answer)
-  raw       testpmd txonly straight on net_af_xdp: no vhost at all, the limit
+  raw       testpmd on net_af_xdp on the NIC itself, no vhost at all: the limit
 
-Guest -> wire only so far; wire -> guest, 2 queue pairs, zero-loss rate,
-latency, idle CPU and RSS come next (performance issue). Each figure is the
-median of --runs runs with min and max; nothing here asserts a timing.
+Directions:
+
+  guest->wire  the guest is testpmd virtio-user in txonly; counted on the far veth
+               (its rx_packets: what the NIC end handed over)
+  wire->guest  testpmd net_af_xdp txonly on the far veth, addressed to the guest's
+               MAC; the guest is testpmd virtio-user in rxonly and counts
+
+The forwarder (gateway or testpmd) runs on CPU 0, sources and guests on CPU 1;
+with 2 queue pairs the forwarder gets both CPUs (this machine has two). Each
+figure is the median of --runs runs, with min and max. Then: zero-loss rate
+(guest->wire, binary search over a paced guest), ping latency at light load,
+the gateway's idle CPU and RSS per device. Nothing here asserts a timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import statistics
 import sys
-import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Callable
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gateway.datapath.xdp_port import XdpPort  # noqa: E402
-from gateway.registry import Registry  # noqa: E402
+import setups  # noqa: E402
+from setups import FORWARDER_CPU, GUEST_MAC, SOURCE_CPU, lcores  # noqa: E402
+
 from gateway.testing import testpmd as tp  # noqa: E402
 from gateway.testing.netns import topology  # noqa: E402
-from gateway.vhost.transport import VhostService  # noqa: E402
-from gateway.xdp.nic import Nic  # noqa: E402
 
-GUEST_LCORES = "0@1,1@1"  # the traffic source on CPU 1 ...
-FORWARDER_LCORES = "0@0,1@0"  # ... DPDK's forwarder on CPU 0
-GUEST_MAC = "52:54:00:be:00:01"
-
-
-def guest(sock: str, size: int, peer_mac: str) -> tp.Testpmd:
-    return tp.Testpmd(sock, lcores=GUEST_LCORES,
-                      args=["--forward-mode=txonly", f"--txpkts={size}",
-                            f"--eth-peer=0,{peer_mac}"])
+SETUPS = ("gateway", "testpmd", "raw")
+DIRECTIONS = ("guest->wire", "wire->guest")
+# guest->wire frames go to a MAC nobody has: the far veth counts them as it
+# receives them and its stack drops them at once (PACKET_OTHERHOST), instead
+# of spending the sender's CPU routing each one -- for every setup alike.
+WIRE_DST = "02:00:00:00:00:99"
+WARMUP = 1.0  # seconds before the window opens: rings fill, rates settle
 
 
-def measure(topo, seconds: float) -> float:
-    """Frames per second arriving at the far veth over `seconds`, after a warm-up."""
-    time.sleep(0.5)  # warm-up: rings fill, rates settle
-    a, t0 = topo.peer_stats()["rx_packets"], time.monotonic()
+def forwarder_cpus(queues: int) -> list[int]:
+    return [FORWARDER_CPU] if queues == 1 else [FORWARDER_CPU, SOURCE_CPU]
+
+
+def guest(sock: str, queues: int, args: list[str]) -> tp.Testpmd:
+    return tp.Testpmd(sock, queues=queues, nb_cores=queues, lcores=lcores(SOURCE_CPU, queues),
+                      args=args)
+
+
+def af_xdp(iface: str, queues: int, cpus: list[int], mode: str, size: int = 64,
+           dst: str = "", netns: str | None = None) -> tp.Testpmd:
+    """testpmd on net_af_xdp: the raw limit, or the far host's traffic source.
+
+    DPDK's af_xdp driver sizes itself from ethtool's combined channels, which
+    veth has none of: queue_count=2 is refused. One port per queue
+    (start_queue=q) reaches every queue; testpmd drives each port from its own
+    forwarding lcore."""
+    vdevs = [f"net_af_xdp{q},iface={iface},start_queue={q},queue_count=1" for q in range(queues)]
+    eal = [a for v in vdevs[1:] for a in ("--vdev", v)]
+    lc = ",".join(f"{i}@{c}" for i, c in enumerate(
+        [cpus[0], *itertools.islice(itertools.cycle(cpus), queues)]))
+    args = [f"--forward-mode={mode}", "--port-topology=loop"]
+    if mode == "txonly":
+        args += [f"--txpkts={size}", *(f"--eth-peer={q},{dst}" for q in range(queues))]
+    return tp.Testpmd(vdev=vdevs[0], eal_args=eal, nb_cores=queues, lcores=lc, args=args,
+                      netns=netns)
+
+
+def received(pmd: tp.Testpmd, ports: int) -> int:
+    return sum(pmd.port_stats(p)["RX-packets"] for p in range(ports))
+
+
+def txonly(size: int, dst: str) -> list[str]:
+    return ["--forward-mode=txonly", f"--txpkts={size}", f"--eth-peer=0,{dst}"]
+
+
+def rate(count: Callable[[], int], seconds: float) -> float:
+    """Frames per second that `count` (a cumulative counter) sees over `seconds`."""
+    time.sleep(WARMUP)  # a fixed warm-up: nothing to await
+    a, t0 = count(), time.monotonic()
     time.sleep(seconds)  # the measuring window itself
-    b, t1 = topo.peer_stats()["rx_packets"], time.monotonic()
+    b, t1 = count(), time.monotonic()
     return (b - a) / (t1 - t0)
 
 
-def run_gateway(topo, size: int, seconds: float) -> float:
-    with ExitStack() as stack:
-        old = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, {0})  # threads started from here on inherit CPU 0
-        stack.callback(os.sched_setaffinity, 0, old)
-        nic = Nic(topo.nic)
-        stack.callback(nic.close)
-        port = XdpPort(nic, "bench", GUEST_MAC)
-        stack.callback(port.close)
-        service = VhostService().start()
-        stack.callback(service.stop)
-        sock = os.path.join(tempfile.mkdtemp(prefix="gw-bench-"), "bench.sock")
-        service.listen(Registry().create("bench", port), sock)
-        with guest(sock, size, topo.peer_mac) as pmd:
-            pmd.wait_ready()
-            pmd.wait_link_up(30)
-            pmd.start()
-            return measure(topo, seconds)
+def guest_to_wire(setup: str, topo, size: int, queues: int, seconds: float) -> float:
+    def wire() -> int:
+        return topo.peer_stats()["rx_packets"]
+
+    with contextlib.ExitStack() as stack:
+        if setup == "raw":
+            src = stack.enter_context(af_xdp(topo.nic, queues, forwarder_cpus(queues),
+                                             "txonly", size, WIRE_DST))
+        else:
+            sock = stack.enter_context(setups.SERVERS[setup](topo, queues))
+            src = stack.enter_context(guest(sock, queues, txonly(size, WIRE_DST)))
+            src.wait_link_up(30)
+        src.start()
+        return rate(wire, seconds)
 
 
-def run_testpmd(topo, size: int, seconds: float) -> float:
-    sock = os.path.join(tempfile.mkdtemp(prefix="gw-bench-"), "fwd.sock")
-    vdevs = [f"net_vhost0,iface={sock},queues=1", f"net_af_xdp0,iface={topo.nic}"]
-    with tp.Testpmd(vdev=vdevs[0], eal_args=["--vdev", vdevs[1]], lcores=FORWARDER_LCORES,
-                    args=["--forward-mode=io"]) as fwd:
-        fwd.wait_ready()
-        fwd.start()
-        with guest(sock, size, topo.peer_mac) as pmd:
-            pmd.wait_ready()
-            pmd.wait_link_up(30)
-            pmd.start()
-            return measure(topo, seconds)
+def wire_to_guest(setup: str, topo, size: int, queues: int, seconds: float) -> float:
+    ports = 1
+    with contextlib.ExitStack() as stack:
+        if setup == "raw":
+            sink = stack.enter_context(af_xdp(topo.nic, queues, forwarder_cpus(queues), "rxonly"))
+            ports = queues
+        else:
+            sock = stack.enter_context(setups.SERVERS[setup](topo, queues))
+            sink = stack.enter_context(guest(sock, queues, ["--forward-mode=rxonly"]))
+            sink.wait_link_up(30)
+        sink.start()
+        src = stack.enter_context(af_xdp(topo.peer, queues, [SOURCE_CPU], "txonly", size,
+                                         GUEST_MAC, netns=topo.ns))
+        src.start()
+        return rate(lambda: received(sink, ports), seconds)
 
 
-def run_raw(topo, size: int, seconds: float) -> float:
-    with tp.Testpmd(vdev=f"net_af_xdp0,iface={topo.nic}", lcores=GUEST_LCORES,
-                    args=["--forward-mode=txonly", f"--txpkts={size}",
-                          f"--eth-peer=0,{topo.peer_mac}"]) as pmd:
-        pmd.wait_ready()
-        pmd.start()
-        return measure(topo, seconds)
+RUNNERS = {"guest->wire": guest_to_wire, "wire->guest": wire_to_guest}
 
 
-SETUPS = {"gateway": run_gateway, "testpmd": run_testpmd, "raw": run_raw}
+def throughput(args) -> list[dict]:
+    results = []
+    for direction, queues, size in itertools.product(args.directions, args.queues, args.sizes):
+        for setup in args.setups:
+            if setup == "testpmd" and queues > 1:
+                print("  testpmd: skipped with 2 queue pairs: its io mode pairs whole ports, and"
+                      " net_af_xdp on veth needs one port per queue", file=sys.stderr)
+                continue
+            pps = []
+            for _ in range(args.runs):
+                with topology(queues=queues) as topo:
+                    pps.append(RUNNERS[direction](setup, topo, size, queues, args.seconds))
+            mid = statistics.median(pps)
+            results.append({"setup": setup, "direction": direction, "size": size,
+                             "queues": queues, "mpps": mid / 1e6, "min_mpps": min(pps) / 1e6,
+                             "max_mpps": max(pps) / 1e6, "gbps": mid * size * 8 / 1e9,
+                             "runs_mpps": [p / 1e6 for p in pps]})
+            print(f"  {setup} {direction} {size} B x{queues}q: {mid / 1e6:.3f} Mpps",
+                  file=sys.stderr)
+    return results
+
+
+def ratio(results: list[dict], r: dict, other: str) -> float | None:
+    for o in results:
+        if (o["setup"] == other and o["mpps"] and
+                all(o[k] == r[k] for k in ("direction", "size", "queues"))):
+            return r["mpps"] / o["mpps"]
+    return None
+
+
+def table(results: list[dict]) -> str:
+    lines = [f"{'setup':<8} {'direction':<12} {'size':>5} {'qp':>2} {'Mpps':>7} {'min':>7} "
+             f"{'max':>7} {'Gbit/s':>7} {'/testpmd':>8} {'/raw':>6}"]
+    for r in results:
+        t, w = (ratio(results, r, o) for o in ("testpmd", "raw"))
+        t, w = ("-" if x is None else f"{x:.2f}" for x in (t, w))
+        lines.append(f"{r['setup']:<8} {r['direction']:<12} {r['size']:>5} {r['queues']:>2} "
+                     f"{r['mpps']:>7.3f} {r['min_mpps']:>7.3f} {r['max_mpps']:>7.3f} "
+                     f"{r['gbps']:>7.2f} {t:>8} {w:>6}")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Grouped bars per (direction, queue pairs): one group per frame size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["direction"], r["queues"]) for r in results})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (direction, queues) in zip(axes[0], panels, strict=True):
+        rs = [r for r in results if r["direction"] == direction and r["queues"] == queues]
+        sizes = sorted({r["size"] for r in rs})
+        names = [s for s in SETUPS if any(r["setup"] == s for r in rs)]
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            xs, ys, lo, hi = [], [], [], []
+            for j, size in enumerate(sizes):
+                for r in rs:
+                    if r["setup"] == name and r["size"] == size:
+                        xs.append(j + i * width)
+                        ys.append(r["mpps"])
+                        lo.append(r["mpps"] - r["min_mpps"])
+                        hi.append(r["max_mpps"] - r["mpps"])
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=name)
+        ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(sizes))],
+                      [f"{s} B" for s in sizes])
+        ax.set_title(f"{direction}, {queues} queue pair{'s' if queues > 1 else ''}")
+        ax.set_ylabel("Mpps (median; bars: min-max)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def csv_list(kind):
+    return lambda s: [kind(x) for x in s.split(",") if x]
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--seconds", type=float, default=10.0, help="measuring window per run")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--sizes", default="64,1500")
-    ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--sizes", type=csv_list(int), default=[64, 1500])
+    ap.add_argument("--setups", type=csv_list(str), default=list(SETUPS))
+    ap.add_argument("--directions", type=csv_list(str), default=list(DIRECTIONS))
+    ap.add_argument("--queues", type=csv_list(int), default=[1, 2])
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--plot", help="write a PNG plot here")
     args = ap.parse_args(argv)
-    results = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        for name in args.setups.split(","):
-            pps = []
-            for _ in range(args.runs):
-                with topology() as topo:
-                    pps.append(SETUPS[name](topo, size, args.seconds))
-            results.append({"setup": name, "direction": "guest->wire", "size": size,
-                            "queues": 1, "mpps": statistics.median(pps) / 1e6,
-                            "min_mpps": min(pps) / 1e6, "max_mpps": max(pps) / 1e6,
-                            "gbps": statistics.median(pps) * size * 8 / 1e9})
-    print(f"{'setup':<9} {'dir':<12} {'size':>5} {'Mpps':>7} {'min':>7} {'max':>7} "
-          f"{'Gbit/s':>7} {'vs testpmd':>10} {'vs raw':>7}")
-    for r in results:
-        def ratio(other: str, r=r) -> str:
-            o = [x for x in results if x["setup"] == other and x["size"] == r["size"]]
-            return f"{r['mpps'] / o[0]['mpps']:.2f}" if o and o[0]["mpps"] else "-"
-        print(f"{r['setup']:<9} {r['direction']:<12} {r['size']:>5} {r['mpps']:>7.3f} "
-              f"{r['min_mpps']:>7.3f} {r['max_mpps']:>7.3f} {r['gbps']:>7.2f} "
-              f"{ratio('testpmd'):>10} {ratio('raw'):>7}")
+    for name in args.setups:
+        if name not in SETUPS:
+            ap.error(f"unknown setup {name!r}: choose from {', '.join(SETUPS)}")
+    for name in args.directions:
+        if name not in DIRECTIONS:
+            ap.error(f"unknown direction {name!r}: choose from {', '.join(DIRECTIONS)}")
+    results = throughput(args)
+    print(table(results))
     out = {"seconds": args.seconds, "runs": args.runs, "results": results}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
     return out
 
 

@@ -2,6 +2,7 @@
 #include <sched.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 #include <sys/socket.h>
 #include <linux/if_xdp.h>
 #include <xdp/xsk.h>
@@ -16,6 +17,7 @@ unsigned gw_xsk_reap(struct xsk_ring_cons *cq, __u64 *pool, unsigned npool, unsi
                      __u64 mask);
 
 #define MAX_BURST 256
+#define GW_BURST 64    /* frames per ring per pass */
 #define MAX_KICKS 16   /* copy mode sends <= 32 descriptors a kick: 16 cover a burst */
 
 static void lock(struct gw_umemq *u)
@@ -231,4 +233,59 @@ int gw_xsk_send(struct gw_umemq *u, struct xsk_ring_prod *tx, int fd, const uint
 unsigned gw_xsk_rx_waiting(struct xsk_ring_cons *rx)
 {
     return xsk_cons_nb_avail(rx, UINT32_MAX);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
+{
+    uint64_t start = now_ns(), active = start, t;
+    long moved = 0;
+
+    p->idle = 0;
+    for (;;) {
+        unsigned waiting = 0;
+        int n, k = 0, r;
+
+        p->passes++;
+        n = gw_xsk_from_guest(p->txq, p->tx_u, p->tx, p->tx_fd, GW_BURST, p->local);
+        if (n < 0 || gw_vq_call(p->txq) < 0) {
+            p->broken = 1;
+            return -1;
+        }
+        for (unsigned i = 0; i < p->nrx && i < GW_PUMP_MAX_RX; i++) {
+            r = gw_xsk_to_guest(p->rxq, p->rx[i].u, p->rx[i].rx, GW_BURST);
+            if (r < 0) {
+                p->broken = 2;
+                return -1;
+            }
+            k += r;
+            waiting += gw_xsk_rx_waiting(p->rx[i].rx);
+        }
+        if (k && gw_vq_call(p->rxq) < 0) {
+            p->broken = 2;
+            return -1;
+        }
+        p->waiting = waiting;
+        moved += n + k;
+        if ((p->local && p->local->n) || __atomic_exchange_n(p->attention, 0, __ATOMIC_ACQ_REL))
+            return moved;
+        t = now_ns();
+        if (n || k)
+            active = t;
+        else if (t - active >= spin_ns) {
+            p->idle = 1;
+            return moved;
+        }
+        else
+            __builtin_ia32_pause();
+        if (t - start >= budget_ns)
+            return moved;
+    }
 }

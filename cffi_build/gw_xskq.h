@@ -64,3 +64,36 @@ int gw_xsk_send(struct gw_umemq *u, struct xsk_ring_prod *tx, int fd, const uint
 
 /* Frames waiting in a socket's RX ring. */
 unsigned gw_xsk_rx_waiting(struct xsk_ring_cons *rx);
+
+/* A worker's whole steady state, so that no Python runs per burst: one queue
+   pair's rings and the sockets it serves (TX on one NIC queue, RX from up to
+   GW_PUMP_MAX_RX). Python fills it once when the worker starts. */
+#define GW_PUMP_MAX_RX 16
+
+struct gw_rxsock {
+    struct gw_umemq *u;
+    struct xsk_ring_cons *rx;
+};
+
+struct gw_pump {
+    struct gw_vq *txq;         /* the guest's TX ring ... */
+    struct gw_vq *rxq;         /* ... and RX ring */
+    struct gw_umemq *tx_u;
+    struct xsk_ring_prod *tx;
+    int tx_fd;
+    struct gw_local *local;    /* may be NULL */
+    unsigned nrx;
+    struct gw_rxsock rx[GW_PUMP_MAX_RX];
+    uint32_t *attention;       /* another thread set it: return now (it is cleared) */
+    /* Out. */
+    unsigned waiting;          /* frames left in the RX rings: the guest had no buffers */
+    int broken;                /* 1: the TX ring broke, 2: the RX ring (vq->error says how) */
+    int idle;                  /* the last return was for spin_ns without a frame */
+    uint64_t passes;           /* rounds over both directions, for profiles */
+};
+
+/* Moves bursts both ways, interrupting the guest as it asks, until nothing
+   moved for spin_ns (then the caller sleeps on the kick fds), local frames
+   wait for Python (local->n), attention is set, or budget_ns ran out.
+   Returns frames moved, or -1 if a ring broke. */
+long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns);

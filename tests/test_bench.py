@@ -9,13 +9,18 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_benchmark_short_mode_writes_results(tmp_path):
-    out = tmp_path / "bench.json"
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--seconds",
-                        "0.3", "--runs", "1", "--sizes", "64", "--json", str(out)],
+                        "0.3", "--runs", "1", "--sizes", "64", "--json", str(out),
+                        "--plot", str(png)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
-    assert {x["setup"] for x in results} == {"gateway", "testpmd", "raw"}
+    seen = {(x["setup"], x["direction"], x["queues"]) for x in results}
+    for direction in ("guest->wire", "wire->guest"):
+        assert {(s, direction, 1) for s in ("gateway", "testpmd", "raw")} <= seen
+        assert {(s, direction, 2) for s in ("gateway", "raw")} <= seen
     for x in results:
         assert x["mpps"] > 0 and x["min_mpps"] <= x["mpps"] <= x["max_mpps"]
-    assert "vs testpmd" in r.stdout
+    assert "/testpmd" in r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,9 @@
 """One thread per queue pair: guest TX → port, port → guest RX.
 
 The port queue moves each burst with one C call (GIL released), so Python
-runs once per burst, not per frame. When a pass moves nothing, the worker asks the guest to kick,
+runs once per burst, not per frame; an AF_XDP queue goes further and `pump`s
+in C until its rings have been quiet for a while, so Python runs only when the
+traffic stops. When a pass moves nothing, the worker asks the guest to kick,
 re-checks the rings (a kick may have been skipped just before) and sleeps in
 poll() on the kick eventfds, the port's fd and its own wake-up eventfd.
 """
@@ -51,6 +53,7 @@ class QueuePairWorker:
 
     def stop(self) -> None:
         self._stop = True
+        self._interrupt()
         os.eventfd_write(self._wake, 1)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
@@ -60,7 +63,13 @@ class QueuePairWorker:
         """Queue a frame for the port from another thread (the control plane)."""
         with self._lock:
             self.control.append(frame)
+        self._interrupt()
         os.eventfd_write(self._wake, 1)
+
+    def _interrupt(self) -> None:
+        interrupt = getattr(self.port, "interrupt", None)
+        if interrupt is not None:
+            interrupt()
 
     # -- the loop ---------------------------------------------------------------
 
@@ -77,12 +86,15 @@ class QueuePairWorker:
 
     def _pass(self) -> bool:
         """One round over both directions; True if anything moved."""
-        n = self.port.from_guest(self.txq)
-        self.txq.call()  # C signals only if the used ring moved (drops included)
         if self.control:
             with self._lock:
                 frames, self.control = self.control, []
             self.port.send_raw(frames)
+        pump = getattr(self.port, "pump", None)
+        if pump is not None:  # the port loops in C until the rings go quiet
+            return pump(self.txq, self.rxq)
+        n = self.port.from_guest(self.txq)
+        self.txq.call()  # C signals only if the used ring moved (drops included)
         k = self.port.to_guest(self.rxq)
         if k:
             self.rxq.call()

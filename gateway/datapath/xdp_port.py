@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 Sock = tuple[QueueUmem, XskSocket]
 
 
+# The pump keeps polling this long after the last frame before the worker
+# sleeps: a burst arriving within it costs no wake-up, and idle costs nothing.
+SPIN_NS = 50_000
+BUDGET_NS = 20_000_000  # hand back to Python at least this often (stop, stats)
+
+
 class XdpQueue:
     def __init__(self, port: XdpPort, rx: list[Sock], tx: Sock, inbox: MemoryQueue | None
                  ) -> None:
@@ -31,6 +37,8 @@ class XdpQueue:
         self.fds = tuple(s.fd for _, s in rx) + ((inbox.fd,) if inbox else ())
         self._backlog = False
         self._raw: FrameBuffer | None = None
+        self._attention = ffi.new("uint32_t *")
+        self._pump = None
         # where the burst copies frames for other guests on the NIC
         self._local_buf = FrameBuffer(BURST, FRAME_SIZE)
         loc = self._local = ffi.new("struct gw_local *")
@@ -59,6 +67,41 @@ class XdpQueue:
             waiting += lib.gw_xsk_rx_waiting(s.rx)
         self._backlog = waiting > 0
         return moved
+
+    def pump(self, txq: VirtQueue, rxq: VirtQueue) -> bool:
+        """Bursts both ways in C until idle (see gw_pump_run); Python only runs
+        for frames other guests must see, the inbox and the worker's own work.
+        False when the rings went quiet: time for the worker to sleep."""
+        p = self._pump
+        if p is None or p.txq != txq.native or p.rxq != rxq.native:
+            p = self._pump = self._make_pump(txq, rxq)
+        moved = self.inbox.to_guest(rxq) if self.inbox is not None else 0
+        r = lib.gw_pump_run(p, SPIN_NS, BUDGET_NS)
+        if r < 0:
+            (txq if p.broken == 1 else rxq).check(-1)
+        if self._local.n:
+            frames = [self._local_buf.frame(i) for i in range(self._local.n)]
+            self._local.n = 0
+            self.port.nic.deliver_local(frames, self.port)
+        self._backlog = p.waiting > 0 or (self.inbox is not None and self.inbox.backlog())
+        return bool(moved) or not p.idle
+
+    def _make_pump(self, txq: VirtQueue, rxq: VirtQueue):
+        if len(self.rx) > lib.GW_PUMP_MAX_RX:
+            raise ValueError(f"{len(self.rx)} RX sockets, the pump takes {lib.GW_PUMP_MAX_RX}")
+        p = ffi.new("struct gw_pump *")
+        p.txq, p.rxq = txq.native, rxq.native
+        qu, s = self.tx
+        p.tx_u, p.tx, p.tx_fd, p.local = qu.native, s.tx, s.fd, self._local
+        p.nrx = len(self.rx)
+        for i, (qu, s) in enumerate(self.rx):
+            p.rx[i].u, p.rx[i].rx = qu.native, s.rx
+        p.attention = self._attention
+        return p
+
+    def interrupt(self) -> None:
+        """From any thread: make a running pump return to its worker."""
+        self._attention[0] = 1
 
     def backlog(self) -> bool:
         """Only asked after a pass that moved nothing: frames still waiting in an
@@ -95,6 +138,7 @@ class XdpPort:
         self.filter: str | None = None
         self.running = False
         self.inbox = MemoryQueue()  # frames from other guests and broadcasts from the wire
+        self._inbox_reader: XdpQueue | None = None
         nic.add_port(self.slot, self)
         try:
             self.filter = link.add_mac_filter(nic.name, mac)
@@ -115,8 +159,11 @@ class XdpPort:
 
     def queue(self, qp: int) -> XdpQueue:
         n, p = self.nic.nqueues, self.queue_pairs
-        return XdpQueue(self, [self.sockets[q] for q in range(n) if q % p == qp],
-                        self.sockets[qp % n], self.inbox if qp == 0 else None)
+        q = XdpQueue(self, [self.sockets[q] for q in range(n) if q % p == qp],
+                     self.sockets[qp % n], self.inbox if qp == 0 else None)
+        if qp == 0:
+            self._inbox_reader = q
+        return q
 
     def set_running(self, running: bool) -> None:
         """Frames for a stopped device are dropped (and counted) by the XDP program
@@ -128,6 +175,8 @@ class XdpPort:
         """A frame for this guest that did not come through its sockets."""
         if self.running and len(frame) <= self.max_frame:
             self.inbox.inject([frame])
+            if self._inbox_reader is not None:
+                self._inbox_reader.interrupt()  # its pump polls rings, not the inbox
 
     def stats(self) -> dict[str, int]:
         """BPF counters of the slot, the sockets' XDP_STATISTICS (rx_ring_full and

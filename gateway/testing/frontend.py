@@ -328,7 +328,7 @@ class Frontend:
         """Close everything, guest memory included."""
         self.close()
         for ring in self.rings:
-            ring.mem.release()
+            ring.release()
         self.rings = []
         try:
             self.mem.close()

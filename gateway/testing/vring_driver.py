@@ -49,6 +49,9 @@ class DriverRing:
         self.mem = memoryview(mem)
         if self.mem.readonly:
             raise ValueError("guest memory must be writable")
+        # Ring indexes are read and written whole, as a real driver does: struct's
+        # "<H" goes byte by byte, and a back-end polling in C saw torn values.
+        self._w16 = self.mem[: len(self.mem) & ~1].cast("H")
         self.size = size
         self.buf_gpa = buf_gpa
         self.buf_size = buf_size
@@ -65,6 +68,11 @@ class DriverRing:
         self._avail_idx = 0                        # our shadow of avail->idx
         self._last_used = 0                        # next used entry to reap
         self._kicked = 0                           # avail->idx at the last kick
+
+    def release(self) -> None:
+        """Drop the views of guest memory, so that its owner can unmap it."""
+        self._w16.release()
+        self.mem.release()
 
     # --- geometry ---------------------------------------------------------
 
@@ -87,10 +95,10 @@ class DriverRing:
     # --- raw access ---------------------------------------------------------
 
     def _u16(self, gpa: int) -> int:
-        return struct.unpack_from("<H", self.mem, gpa)[0]
+        return self._w16[gpa >> 1]  # every 16-bit ring field is 2-byte aligned
 
     def _put16(self, gpa: int, v: int) -> None:
-        struct.pack_into("<H", self.mem, gpa, v & 0xFFFF)
+        self._w16[gpa >> 1] = v & 0xFFFF
 
     def write_desc(self, i: int, addr: int, length: int, flags: int = 0, next: int = 0) -> None:
         """Write descriptor i verbatim; no checks, so tests can lie."""
