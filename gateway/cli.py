@@ -67,20 +67,37 @@ def preflight() -> None:
         fail(str(e))
 
 
+def parse_cpus(text: str) -> list[int]:
+    """"2,3" or "2-5,7", as taskset and DPDK's -l take them."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            fail(f"--cpus: {part.strip()!r} is not a CPU number or range (e.g. 2,3 or 2-5)")
+        if a < 0 or b < a:
+            fail(f"--cpus: {part.strip()!r} is not a CPU range")
+        cpus.update(range(a, b + 1))
+    return sorted(cpus)
+
+
 @main.command()
 @run_dir_option
 @click.option("--state-dir", default=STATE_DIR, show_default=True,
               help="where attachments are kept across restarts")
 @click.option("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics here")
-def daemon(run_dir: str, state_dir: str, metrics_listen: str | None) -> None:
+@click.option("--cpus", metavar="LIST", help="run data-path workers on these CPUs, e.g. 2,3 or 2-5")
+def daemon(run_dir: str, state_dir: str, metrics_listen: str | None, cpus: str | None) -> None:
     """Hold every device; the other commands talk to this process."""
+    cpu_list = parse_cpus(cpus) if cpus else None
     preflight()
     from gateway.daemon import run
 
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)  # a daemon says what it does
     try:
-        run(run_dir, state_dir, metrics_listen=metrics_listen,
+        run(run_dir, state_dir, metrics_listen=metrics_listen, cpus=cpu_list,
             ready=lambda msg: click.echo(msg, err=True))
     except GatewayError as e:
         fail(str(e))

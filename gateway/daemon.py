@@ -16,13 +16,19 @@ import signal
 
 from gateway.api import Gateway, GatewayError
 from gateway.control import serve, socket_path
+from gateway.datapath.worker import pin_workers
 from gateway.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
 
 
 def run(run_dir: str, state_dir: str, *, metrics_listen: str | None = None,
-        ready=print) -> None:
+        cpus: list[int] | None = None, ready=print) -> None:
+    if cpus:
+        try:
+            pin_workers(cpus)
+        except ValueError as e:
+            raise GatewayError(f"--cpus: {e}") from None
     os.makedirs(run_dir, exist_ok=True)
     os.makedirs(state_dir, exist_ok=True)
     gw = Gateway(run_dir, state_dir)

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 from pyroute2 import netns
 
@@ -33,3 +34,11 @@ def test_bad_input_is_one_line_and_nonzero():
     result = CliRunner().invoke(main, ["stats", "--interval", "0"])
     assert result.exit_code == 2
     assert "Invalid value for '--interval'" in result.output
+
+
+@pytest.mark.parametrize("cpus, why", [("0-x", "not a CPU number"), ("3-1", "not a CPU range"),
+                                       ("4096", "not available")])
+def test_daemon_bad_cpus_is_one_line_and_nonzero(cpus, why, tmp_path):
+    result = CliRunner().invoke(main, ["daemon", "--cpus", cpus, "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert why in result.output and len(result.output.strip().splitlines()) == 1

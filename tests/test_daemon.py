@@ -148,3 +148,28 @@ def test_malformed_control_requests_are_refused(env):
     with pytest.raises(GatewayError, match="unknown command"):
         request(d.run_dir, "reboot")
     assert request(d.run_dir, "list") == []
+
+
+def test_cpus_pins_the_data_path_workers(tmp_path):
+    """`--cpus 1`: the worker thread of a running device may use CPU 1 only."""
+    from gateway.testing.netns import topology
+
+    def affinities(pid: int) -> list[str]:
+        out = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                out += [ln.split()[1] for ln in f if ln.startswith("Cpus_allowed_list")]
+        return out
+
+    with topology() as topo:
+        d = Daemon(str(tmp_path / "run"), str(tmp_path / "state"), ("--cpus", "1")).start()
+        try:
+            dev = json.loads(d.ok("attach", "vm0", topo.nic, "--json"))
+            before = affinities(d.proc.pid)
+            assert "1" not in before  # the control plane is not pinned
+            with Frontend(dev["socket"]) as fe:
+                fe.connect().setup()
+                assert "vm0: running" in d.ok("list")
+                assert affinities(d.proc.pid).count("1") == 1  # the one worker
+        finally:
+            d.stop()

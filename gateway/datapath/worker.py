@@ -10,11 +10,12 @@ poll() on the kick eventfds, the port's fd and its own wake-up eventfd.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import select
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from gateway.datapath.port import PortQueue
 from gateway.virtio.ring import RingBroken, VirtQueue
@@ -22,6 +23,22 @@ from gateway.virtio.ring import RingBroken, VirtQueue
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_MS = 1  # when the front-end never kicks (no-fd bit) or kicks are disabled
+
+_cpus: list[int] = []  # CPUs for data-path threads, taken in turn; empty: anywhere
+_turn = itertools.count()
+
+
+def pin_workers(cpus: Iterable[int]) -> None:
+    """Run every worker started from now on on one of `cpus`, in turn: a worker
+    that keeps its CPU keeps its caches, and the operator keeps the guests' CPUs
+    free. Refuses CPUs this process may not use."""
+    cpus = sorted(set(cpus))
+    allowed = os.sched_getaffinity(0)
+    bad = [c for c in cpus if c not in allowed]
+    if bad:
+        raise ValueError(f"CPU {bad[0]} is not available to this process "
+                         f"(allowed: {','.join(map(str, sorted(allowed)))})")
+    _cpus[:] = cpus
 
 
 class QueuePairWorker:
@@ -74,6 +91,8 @@ class QueuePairWorker:
     # -- the loop ---------------------------------------------------------------
 
     def _run(self) -> None:
+        if _cpus:
+            os.sched_setaffinity(0, {_cpus[next(_turn) % len(_cpus)]})  # this thread only
         try:
             while not self._stop:
                 if not self._pass():

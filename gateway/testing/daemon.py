@@ -19,15 +19,15 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, run_dir: str, state_dir: str) -> None:
-        self.run_dir, self.state_dir = run_dir, state_dir
+    def __init__(self, run_dir: str, state_dir: str, args: tuple[str, ...] = ()) -> None:
+        self.run_dir, self.state_dir, self.args = run_dir, state_dir, args
         self.metrics = f"127.0.0.1:{free_port()}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "daemon", "--run-dir", self.run_dir,
-             "--state-dir", self.state_dir, "--metrics-listen", self.metrics],
+             "--state-dir", self.state_dir, "--metrics-listen", self.metrics, *self.args],
             stderr=subprocess.PIPE, text=True)
         for line in self.proc.stderr:  # its log, until it says it is ready
             if "gateway daemon ready" in line:
