@@ -60,7 +60,7 @@ def forwarder_cpus(queues: int) -> list[int]:
 
 def guest(sock: str, queues: int, args: list[str]) -> tp.Testpmd:
     return tp.Testpmd(sock, queues=queues, nb_cores=queues, lcores=lcores(SOURCE_CPU, queues),
-                      args=args)
+                      mac=GUEST_MAC, args=args)
 
 
 def af_xdp(iface: str, queues: int, cpus: list[int], mode: str, size: int = 64,

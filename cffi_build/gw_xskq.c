@@ -107,12 +107,27 @@ static unsigned tx_room(struct gw_umemq *u, struct xsk_ring_prod *tx, unsigned n
     return n > MAX_BURST ? MAX_BURST : n;
 }
 
-static uint64_t dst_mac(const uint8_t *f)
+static uint64_t mac_at(const uint8_t *f)
 {
     uint64_t m = 0;
     for (int i = 0; i < 6; i++)
         m = m << 8 | f[i];
     return m;
+}
+
+/* 1 if the frame may leave the guest at all; counts why not. */
+static int allowed(struct gw_local *l, const uint8_t *f, uint32_t len)
+{
+    if (len < 14) {
+        if (l)
+            l->runts++;
+        return 0;
+    }
+    if (l && l->check_src && mac_at(f + 6) != l->own_mac) {
+        l->spoofed++;
+        return 0;
+    }
+    return 1;
 }
 
 /* Copies the frame for other guests if it is theirs too; 1 if it is only
@@ -121,11 +136,11 @@ static int keep_local(struct gw_local *l, const uint8_t *f, uint32_t len)
 {
     int group, mine = 0;
 
-    if (!l || len < 14)
+    if (!l)
         return 0;
     group = f[0] & 1;
     if (!group) {
-        uint64_t d = dst_mac(f);
+        uint64_t d = mac_at(f);
         unsigned nm = __atomic_load_n(l->nmacs, __ATOMIC_ACQUIRE);
         for (unsigned i = 0; i < nm && !mine; i++)
             mine = l->macs[i] == d;
@@ -161,7 +176,8 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
         return 0;
     got = gw_vq_tx_burst(vq, u->area, (const uint64_t *)addrs, (uint32_t)u->frame_size, lens, k);
     for (unsigned i = 0; i < k; i++) {
-        if ((int)i < got && !keep_local(local, u->area + addrs[i], lens[i])) {
+        const uint8_t *f = u->area + addrs[i];
+        if ((int)i < got && allowed(local, f, lens[i]) && !keep_local(local, f, lens[i])) {
             wire[w] = addrs[i];
             wire_lens[w++] = lens[i];
         } else {

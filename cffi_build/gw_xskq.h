@@ -29,10 +29,13 @@ struct gw_umemq {
     uint64_t tx_ring_full;     /* ... or of room in the socket's TX ring */
 };
 
-/* Guest frames that must (also) reach other guests on the same NIC, which
-   the wire will not bring back: broadcast and multicast (sent to the wire as
-   well) and unicast to a local guest's MAC (not sent). The burst copies them
-   into base + offs[n], n < cap; Python hands them on. */
+/* What a guest's TX burst must know beyond its rings. Frames that must
+   (also) reach other guests on the same NIC, which the wire will not bring
+   back: broadcast and multicast (sent to the wire as well) and unicast to a
+   local guest's MAC (not sent). The burst copies them into base + offs[n],
+   n < cap; Python hands them on. And the guest's own MAC: with check_src, a
+   frame with any other source MAC is dropped, so a guest cannot pose as
+   another host. */
 struct gw_local {
     const uint64_t *macs;      /* local guests' MACs, 48-bit big-endian numbers, */
     const unsigned *nmacs;     /* ... this many: the NIC's table, shared by its queues */
@@ -42,13 +45,17 @@ struct gw_local {
     unsigned cap;              /* slots, each at least a frame long */
     unsigned n;                /* frames copied; the caller resets it */
     uint64_t dropped;          /* local frames beyond cap */
+    uint64_t own_mac;          /* the guest's MAC, a 48-bit big-endian number */
+    unsigned check_src;        /* drop frames whose source is not own_mac */
+    uint64_t spoofed;          /* frames dropped for their source MAC */
+    uint64_t runts;            /* frames dropped for being shorter than 14 bytes */
 };
 
 /* Return completed TX frames to the pool and top up the fill ring. */
 void gw_umemq_refill(struct gw_umemq *u);
 
-/* Guest TX -> socket TX, up to n frames (local ones as struct gw_local says;
-   local may be NULL). Frames taken from the guest, or -1 if the guest broke
+/* Guest TX -> socket TX, up to n frames (local ones and source checks as
+   struct gw_local says; local may be NULL: runts are dropped all the same). Frames taken from the guest, or -1 if the guest broke
    the ring (vq->error says how). */
 int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
                       unsigned n, struct gw_local *local);

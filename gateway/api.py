@@ -56,6 +56,7 @@ class Attachment:
     mode: str = "server"  # server: we listen on `socket`; client: we connect to it
     socket: str = ""
     mtu: int = 1500
+    allow_spoofing: bool = False  # let the guest send with source MACs not its own
 
 
 def default_mac(name: str) -> str:
@@ -116,9 +117,11 @@ class Gateway:
     def check(self, a: Attachment) -> link.LinkInfo:
         """Everything attach needs, checked before anything changes."""
         for f in fields(a):  # requests come as JSON: types are not a given
-            want = int if f.type in ("int", int) else str
-            if not isinstance(getattr(a, f.name), want) or isinstance(getattr(a, f.name), bool):
-                raise GatewayError(f"{f.name} must be {'a number' if want is int else 'text'}")
+            want = {"int": int, "bool": bool}.get(f.type, str)
+            v = getattr(a, f.name)
+            if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+                raise GatewayError(f"{f.name} must be "
+                                   f"{ {int: 'a number', bool: 'true or false'}.get(want, 'text')}")
         if not NAME_RE.match(a.name):
             raise GatewayError(f"bad name {a.name!r}: use 1-32 letters, digits, '_', '.', '-'")
         if a.name in self.attached:
@@ -160,7 +163,8 @@ class Gateway:
         try:
             if nic is None:
                 nic = self.nics[a.iface] = Nic(a.iface)
-            port = XdpPort(nic, a.name, a.mac, queue_pairs=a.queues, mtu=a.mtu)
+            port = XdpPort(nic, a.name, a.mac, queue_pairs=a.queues, mtu=a.mtu,
+                           allow_spoofing=a.allow_spoofing)
         except (link.LinkError, XdpError, XskError, OSError) as e:
             self._drop_idle_nic(a.iface)
             raise GatewayError(f"cannot attach {a.name} to {a.iface}: {e}") from None
@@ -236,7 +240,7 @@ class Gateway:
             for reason in ("drop_no_socket", "drop_stopped", "drop_too_big"):
                 drops["xdp_" + reason.removeprefix("drop_")] = p[reason]
             for reason in ("rx_dropped", "rx_ring_full", "rx_fill_ring_empty_descs",
-                           "tx_ring_full", "tx_no_frame"):
+                           "tx_ring_full", "tx_no_frame", "tx_spoofed", "tx_runt"):
                 drops[reason] = p[reason]
             out[n] = {k: s[k] for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")}
             out[n]["drops"] = drops

@@ -114,13 +114,16 @@ def daemon(run_dir: str, state_dir: str, metrics_listen: str | None, cpus: str |
 @click.option("--client", "client_path", metavar="PATH",
               help="QEMU listens here (server=on); the gateway connects and reconnects")
 @click.option("--mtu", default=1500, show_default=True, type=int)
+@click.option("--allow-spoofing", is_flag=True,
+              help="let the guest send with source MACs other than its own (default: dropped)")
 @click.option("--json", "as_json", is_flag=True, help="print the device as JSON")
-def attach(run_dir, name, iface, mac, queues, server_path, client_path, mtu, as_json) -> None:
+def attach(run_dir, name, iface, mac, queues, server_path, client_path, mtu, allow_spoofing,
+           as_json) -> None:
     """Create device NAME on NIC IFACE and print what QEMU or libvirt need."""
     if server_path and client_path:
         fail("give --socket or --client, not both")
     args = {"name": name, "iface": iface, "mac": mac or "", "queues": queues, "mtu": mtu,
-            "mode": "client" if client_path else "server",
+            "allow_spoofing": allow_spoofing, "mode": "client" if client_path else "server",
             "socket": os.path.abspath(client_path or server_path) if (client_path or server_path)
             else ""}
     d = call(run_dir, "attach", **args)

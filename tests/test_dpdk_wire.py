@@ -29,7 +29,7 @@ def test_testpmd_txonly_frames_are_counted_on_the_far_host(tmp_path):
             path = str(tmp_path / "pmd0.sock")
             service.listen(dev, path)
             before = topo.peer_stats()
-            with tp.Testpmd(path, args=["--forward-mode=txonly", "--txpkts=64",
+            with tp.Testpmd(path, mac=port.mac, args=["--forward-mode=txonly", "--txpkts=64",
                                         f"--eth-peer=0,{topo.peer_mac}"]) as pmd:
                 pmd.wait_ready()
                 pmd.wait_link_up(30)

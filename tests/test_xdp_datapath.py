@@ -377,3 +377,43 @@ def test_the_next_start_cleans_up_after_a_crash():
         finally:
             nic.close()
         assert link.xdp_state(topo.nic)[0] is None
+
+
+def _wire_count(topo, want: int) -> int:
+    """The far veth's rx_packets once it reaches `want` (or the deadline)."""
+    deadline = time.monotonic() + TIMEOUT
+    while (n := topo.peer_stats()["rx_packets"]) < want and time.monotonic() < deadline:
+        time.sleep(0.01)  # a kernel counter: nothing to wait on
+    return n
+
+
+@pytest.mark.parametrize("allow", [False, True], ids=["default", "allow_spoofing"])
+def test_source_mac_spoofing_is_dropped_and_counted(wire, allow):
+    """A guest posing as another host (any source MAC but its own) is cut off
+    unless the operator allowed it; runts never reach the wire either."""
+    topo, nic, _, started = wire
+    port = XdpPort(nic, "vm0", GUEST_MAC, allow_spoofing=allow)
+    registry_dev = Registry().create("vm0", port, max_mtu=port.max_mtu)
+    service = VhostService().start()
+    try:
+        path = f"/tmp/gwt-spoof-{allow}.sock"
+        service.listen(registry_dev, path)
+        guest_ip = GUEST_IP.format(topo.peer_ip.split(".")[1])
+        base = topo.peer_stats()["rx_packets"]
+        with Frontend(path) as fe:
+            fe.connect().setup()
+            forged = [udp_frame("52:54:00:aa:00:99", topo.peer_mac, guest_ip, topo.peer_ip,
+                                b"forged %d" % i) for i in range(7)]
+            runts = [b"\x01" * n for n in (1, 6, 13)]
+            good = [udp_frame(GUEST_MAC, topo.peer_mac, guest_ip, topo.peer_ip,
+                              b"good %d" % i) for i in range(5)]
+            fe.transmit(forged + runts + good)
+            fe.wait_tx_done(len(forged + runts + good))
+            want = len(good) + (len(forged) if allow else 0)
+            assert _wire_count(topo, base + want) - base == want
+            s = port.stats()
+            assert s["tx_spoofed"] == (0 if allow else len(forged))
+            assert s["tx_runt"] == len(runts)
+    finally:
+        service.stop()
+        port.close()

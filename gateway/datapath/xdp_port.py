@@ -16,7 +16,7 @@ from gateway.datapath.port import BURST, FRAME_SIZE, MemoryQueue
 from gateway.virtio.ring import FrameBuffer, VirtQueue
 from gateway.xdp import link
 from gateway.xdp.nic import Nic, QueueUmem
-from gateway.xdp.program import is_unicast
+from gateway.xdp.program import is_unicast, mac_key
 from gateway.xdp.xsk import STATS_KEYS, XskSocket
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class XdpQueue:
         loc.base, loc.offs, loc.lens = (self._local_buf.base, self._local_buf.offs,
                                         self._local_buf.lens)
         loc.cap = BURST
+        loc.own_mac, loc.check_src = mac_key(port.mac), not port.allow_spoofing
 
     def from_guest(self, txq: VirtQueue) -> int:
         qu, s = self.tx
@@ -124,7 +125,7 @@ class XdpPort:
     """Create with everything checked first; `close()` undoes it all."""
 
     def __init__(self, nic: Nic, name: str, mac: str, *, queue_pairs: int = 1,
-                 mtu: int = 1500) -> None:
+                 mtu: int = 1500, allow_spoofing: bool = False) -> None:
         if not is_unicast(mac):
             raise link.LinkError(f"{mac} is not a unicast MAC address")
         if not 1 <= queue_pairs <= nic.nqueues:
@@ -133,6 +134,8 @@ class XdpPort:
         self.max_frame = link.check_mtu(nic.link, mtu, FRAME_SIZE)
         self.nic, self.name, self.mac = nic, name, mac
         self.queue_pairs, self.mtu = queue_pairs, mtu
+        self.allow_spoofing = allow_spoofing  # else frames from other source MACs are dropped
+        self._queues: dict[int, XdpQueue] = {}
         self.slot = nic.free_slot()
         self.sockets: dict[int, Sock] = {}
         self.filter: str | None = None
@@ -158,12 +161,15 @@ class XdpPort:
         return self.max_frame - 14
 
     def queue(self, qp: int) -> XdpQueue:
-        n, p = self.nic.nqueues, self.queue_pairs
-        q = XdpQueue(self, [self.sockets[q] for q in range(n) if q % p == qp],
-                     self.sockets[qp % n], self.inbox if qp == 0 else None)
-        if qp == 0:
-            self._inbox_reader = q
-        return q
+        """The same object for every worker of this queue pair, so its counters
+        outlive a front-end's reconnection."""
+        if qp not in self._queues:
+            n, p = self.nic.nqueues, self.queue_pairs
+            self._queues[qp] = XdpQueue(self, [self.sockets[q] for q in range(n) if q % p == qp],
+                                        self.sockets[qp % n], self.inbox if qp == 0 else None)
+            if qp == 0:
+                self._inbox_reader = self._queues[qp]
+        return self._queues[qp]
 
     def set_running(self, running: bool) -> None:
         """Frames for a stopped device are dropped (and counted) by the XDP program
@@ -180,12 +186,15 @@ class XdpPort:
 
     def stats(self) -> dict[str, int]:
         """BPF counters of the slot, the sockets' XDP_STATISTICS (rx_ring_full and
-        friends: drops the XDP program cannot see) and, for the NIC queues this
+        friends: drops the XDP program cannot see), guest frames refused for
+        their source MAC or length (tx_spoofed, tx_runt) and, for the NIC queues this
         device sends on, TX bursts cut short for want of frames or ring room
         (shared with the other devices on those queues)."""
         out = dict(self.nic.program.counters(self.slot))
         for key in (*STATS_KEYS, "tx_no_frame", "tx_ring_full"):
             out[key] = 0
+        out["tx_spoofed"] = sum(q._local.spoofed for q in self._queues.values())
+        out["tx_runt"] = sum(q._local.runts for q in self._queues.values())
         for _, s in self.sockets.values():
             for key, v in s.stats().items():
                 out[key] += v

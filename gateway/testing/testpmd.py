@@ -90,6 +90,7 @@ class Testpmd:
         server: bool = False,
         packed_vq: bool | None = None,
         in_order: bool | None = None,
+        mac: str | None = None,
         vdev: str | None = None,
         args: Sequence[str] = (),
         lcores: str = "0@1,1@0",
@@ -110,6 +111,8 @@ class Testpmd:
                               ("in_order", in_order)):  # fmt: skip
                 if val is not None:
                     vdev += f",{name}={int(val)}"
+            if mac is not None:  # the guest's MAC: a gateway drops frames from any other
+                vdev += f",mac={mac}"
             if server:
                 vdev += ",server=1"
         self.vdev = vdev
