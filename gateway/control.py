@@ -3,18 +3,22 @@
     → {"cmd": "attach", "args": {"name": "vm0", "iface": "eth1", ...}}
     ← {"ok": true, "result": {...}}   or   {"ok": false, "error": "one line"}
 
-The socket is `$RUN_DIR/gateway.sock`, mode 0660, so a group can be given
-the right to drive the gateway without root.
+The socket is `$RUN_DIR/gateway.sock`, mode 0660, owned by root and by the
+`gateway` group if there is one, so that group can drive the gateway without
+root. Each connection's peer is checked again with SO_PEERCRED: a socket file
+whose mode someone loosened still lets no one else in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import grp
 import json
 import logging
 import os
 import socket
+import struct
 from dataclasses import fields
 
 from gateway.api import Attachment, Gateway, GatewayError
@@ -23,6 +27,8 @@ log = logging.getLogger(__name__)
 
 SOCKET_NAME = "gateway.sock"
 MAX_REQUEST = 64 * 1024
+GROUP = "gateway"
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 
 
 class DaemonNotRunning(Exception):
@@ -34,6 +40,31 @@ def socket_path(run_dir: str) -> str:
 
 
 # -- server ---------------------------------------------------------------------------
+
+def group_id() -> int | None:
+    try:
+        return grp.getgrnam(GROUP).gr_gid
+    except KeyError:
+        return None
+
+
+def peer_allowed(uid: int, gids: set[int], group: int | None) -> bool:
+    """Root, the daemon's own user, or a member of the gateway group."""
+    return uid in (0, os.geteuid()) or (group is not None and group in gids)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, set[int]]:
+    """(pid, uid, {gid and supplementary gids}) of the process at the other end."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    gids = {gid}
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
+        gids.update(struct.unpack(f"{len(raw) // 4}I", raw))
+    except OSError:
+        pass  # more than 256 groups, or an old kernel: the primary group still counts
+    return pid, uid, gids
+
 
 def handle(gw: Gateway, req: dict) -> dict:
     """One request → one reply; any refusal becomes {"ok": false, "error": ...}."""
@@ -81,8 +112,18 @@ async def serve(gw: Gateway, run_dir: str, one_at_a_time: concurrent.futures.Exe
         else:
             raise GatewayError(f"another gateway daemon is running ({path})")
 
+    group = group_id()
+
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            pid, uid, gids = peer_credentials(writer.get_extra_info("socket"))
+            if not peer_allowed(uid, gids, group):
+                log.warning("control: refused pid %d uid %d: not root, nor in group %s",
+                            pid, uid, GROUP)
+                writer.write(json.dumps({"ok": False, "error": f"permission denied: uid {uid} "
+                                         f"is not root or in group {GROUP}"}).encode() + b"\n")
+                await writer.drain()
+                return
             while line := await reader.readline():
                 try:
                     req = json.loads(line)
@@ -101,6 +142,7 @@ async def serve(gw: Gateway, run_dir: str, one_at_a_time: concurrent.futures.Exe
             writer.close()
 
     server = await asyncio.start_unix_server(client, path, limit=MAX_REQUEST)
+    os.chown(path, 0, 0 if group is None else group)
     os.chmod(path, 0o660)
     return server
 

@@ -173,3 +173,43 @@ def test_cpus_pins_the_data_path_workers(tmp_path):
                 assert affinities(d.proc.pid).count("1") == 1  # the one worker
         finally:
             d.stop()
+
+
+PEER = """
+import os, socket, sys
+os.setgid(65534); os.setgroups([]); os.setuid(65534)  # nobody
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except PermissionError:
+    print("EACCES"); sys.exit()
+s.sendall(b'{"cmd": "list", "args": {}}\\n')
+print(s.makefile().readline().strip())
+"""
+
+
+def test_control_socket_is_root_only_even_if_its_mode_is_loosened(tmp_path):
+    """Mode 0660 keeps others out; SO_PEERCRED keeps them out when it is 0666."""
+    import shutil
+    import tempfile
+
+    run = tempfile.mkdtemp(prefix="gwt-ctl-")
+    os.chmod(run, 0o755)  # reachable by anyone: only the socket's own checks are left
+    d = Daemon(run, str(tmp_path / "state")).start()
+    try:
+        path = os.path.join(run, "gateway.sock")
+        st = os.stat(path)
+        assert st.st_mode & 0o777 == 0o660 and st.st_uid == 0
+
+        def as_nobody() -> str:
+            return subprocess.run([sys.executable, "-c", PEER, path], capture_output=True,
+                                  text=True, timeout=TIMEOUT, check=True).stdout.strip()
+
+        assert as_nobody() == "EACCES"
+        os.chmod(path, 0o666)
+        reply = json.loads(as_nobody())
+        assert reply["ok"] is False and "permission denied: uid 65534" in reply["error"]
+        assert "no devices" in d.ok("list")  # root still gets in
+    finally:
+        d.stop()
+        shutil.rmtree(run, ignore_errors=True)
