@@ -17,7 +17,7 @@ unsigned gw_xsk_reap(struct xsk_ring_cons *cq, __u64 *pool, unsigned npool, unsi
                      __u64 mask);
 
 #define MAX_BURST 256
-#define GW_BURST 64    /* frames per ring per pass */
+#define GW_BURST 32    /* frames per ring per pass */
 #define MAX_KICKS 16   /* copy mode sends <= 32 descriptors a kick: 16 cover a burst */
 
 static void lock(struct gw_umemq *u)
