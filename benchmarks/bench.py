@@ -232,6 +232,35 @@ def zero_loss(args) -> list[dict]:
     return out
 
 
+def extras(args) -> dict:
+    """Zero-loss rate, latency, idle CPU and RSS: printed and returned for the JSON."""
+    from footprint import idle_cpu, rss_per_device
+    from latency import latency
+
+    out = {"zero_loss": zero_loss(args)}
+    print(f"\nzero-loss guest->wire (paced guest, TX ring {ZERO_LOSS_RING}):")
+    for z in out["zero_loss"]:
+        print(f"  {z['setup']:<8} {z['size']:>5} B  {z['mpps']:.3f} Mpps")
+    out["latency"] = {s: latency(s, count=args.pings) for s in args.setups if s != "raw"}
+    print(f"\nping round trip far host -> guest -> far host ({args.pings} pings, 10 ms apart):")
+    for name, lat in out["latency"].items():
+        print(f"  {name:<8} p50 {lat['p50_us']:7.0f} us  p99 {lat['p99_us']:7.0f} us  "
+              f"(min {lat['min_us']:.0f}, max {lat['max_us']:.0f}, "
+              f"{lat['received']}/{lat['sent']} answered)")
+    out["idle_cpu"] = idle_cpu(args.idle_seconds)
+    i = out["idle_cpu"]
+    print(f"\nidle gateway daemon, % of one core over {i['seconds']:.0f} s: no guest "
+          f"{i['no_guest_pct']:.2f}, Python guest {i['frontend_guest_pct']:.2f}, "
+          f"testpmd guest {i['testpmd_guest_pct']:.2f}")
+    out["rss"] = rss_per_device(args.devices)
+    m = out["rss"]
+    print(f"RSS: {m['base_mib']:.1f} MiB with no device, {m['total_mib']:.1f} MiB with "
+          f"{m['devices']}; UMEM {m['umem_mib']:.0f} MiB per NIC queue, one-time (XDP "
+          f"compile) {m['one_time_mib']:.1f} MiB, per further device {m['per_device_mib']:.2f}"
+          f" MiB")
+    return out
+
+
 def csv_list(kind):
     return lambda s: [kind(x) for x in s.split(",") if x]
 
@@ -246,6 +275,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--queues", type=csv_list(int), default=[1, 2])
     ap.add_argument("--trial-seconds", type=float, default=2.0, help="per zero-loss trial")
     ap.add_argument("--max-trials", type=int, default=12, help="per zero-loss search")
+    ap.add_argument("--pings", type=int, default=1000, help="latency samples per setup")
+    ap.add_argument("--idle-seconds", type=float, default=10.0)
+    ap.add_argument("--devices", type=int, default=8, help="attached for the RSS figure")
     ap.add_argument("--no-extras", dest="extras", action="store_false",
                     help="throughput only: no zero-loss search, latency, idle CPU or RSS")
     ap.add_argument("--json", help="write the results here")
@@ -261,11 +293,7 @@ def main(argv=None) -> dict:
     print(table(results))
     out = {"seconds": args.seconds, "runs": args.runs, "results": results}
     if args.extras:
-        out["zero_loss"] = zero_loss(args)
-        print("\nzero-loss guest->wire (paced guest, TX ring "
-              f"{ZERO_LOSS_RING}):")
-        for z in out["zero_loss"]:
-            print(f"  {z['setup']:<8} {z['size']:>5} B  {z['mpps']:.3f} Mpps")
+        out.update(extras(args))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

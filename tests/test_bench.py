@@ -1,4 +1,7 @@
-"""The benchmark runs (short mode) and writes its results; no timing is asserted."""
+"""The benchmark runs (short mode) and writes its results; no timing is asserted.
+
+The extras (zero-loss search, latency, idle CPU, RSS) have their own short
+tests: test_pacer.py and test_bench_extras.py."""
 
 import json
 import pathlib
@@ -12,7 +15,7 @@ def test_benchmark_short_mode_writes_results(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--seconds",
                         "0.3", "--runs", "1", "--sizes", "64", "--json", str(out),
-                        "--plot", str(png)],
+                        "--plot", str(png), "--no-extras"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads(out.read_text())["results"]

@@ -1,0 +1,49 @@
+"""Latency, idle CPU and RSS measurements run and return sane figures; no timing is asserted."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+
+from gateway.testing import testpmd as tp
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import footprint  # noqa: E402
+import latency  # noqa: E402
+
+needs_testpmd = pytest.mark.skipif(not tp.testpmd_available(),
+                                   reason="dpdk-testpmd not installed")
+
+
+@needs_testpmd
+@pytest.mark.dpdk
+@pytest.mark.parametrize("setup", ["gateway", "testpmd"])
+def test_latency(setup):
+    r = latency.latency(setup, count=50, interval=0.005)
+    assert r["sent"] == 50 and 0 < r["received"] <= 50
+    assert 0 < r["min_us"] <= r["p50_us"] <= r["p95_us"] <= r["p99_us"] <= r["max_us"]
+
+
+@needs_testpmd
+@pytest.mark.dpdk
+def test_idle_cpu():
+    r = footprint.idle_cpu(seconds=0.5)
+    for key in ("no_guest_pct", "frontend_guest_pct", "testpmd_guest_pct"):
+        assert r[key] >= 0
+
+
+def test_rss_per_device():
+    r = footprint.rss_per_device(n=2)
+    assert r["devices"] == 2
+    assert 0 < r["base_mib"] < r["first_mib"] <= r["total_mib"]
+    assert r["per_device_mib"] > 0 and r["umem_mib"] > 0
+
+
+def test_percentile_is_an_observed_value():
+    samples = [float(x) for x in range(1, 101)]
+    assert latency.percentile(samples, 50) == 50
+    assert latency.percentile(samples, 99) == 99
+    assert latency.percentile([7.0], 99) == 7.0
