@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import setups  # noqa: E402
-from setups import FORWARDER_CPU, GUEST_MAC, SOURCE_CPU, lcores  # noqa: E402
+from setups import GUEST_MAC, SOURCE_CPU, forwarder_cpus, lcores  # noqa: E402
 
 from gateway.testing import testpmd as tp  # noqa: E402
 from gateway.testing.netns import topology  # noqa: E402
@@ -52,10 +52,6 @@ DIRECTIONS = ("guest->wire", "wire->guest")
 # of spending the sender's CPU routing each one -- for every setup alike.
 WIRE_DST = "02:00:00:00:00:99"
 WARMUP = 1.0  # seconds before the window opens: rings fill, rates settle
-
-
-def forwarder_cpus(queues: int) -> list[int]:
-    return [FORWARDER_CPU] if queues == 1 else [FORWARDER_CPU, SOURCE_CPU]
 
 
 def guest(sock: str, queues: int, args: list[str]) -> tp.Testpmd:
@@ -135,25 +131,60 @@ def wire_to_guest(setup: str, topo, size: int, queues: int, seconds: float) -> f
 RUNNERS = {"guest->wire": guest_to_wire, "wire->guest": wire_to_guest}
 
 
+def cpu_busy(interval: float = 0.5) -> float:
+    """The busiest CPU's share of non-idle time over `interval` (0..1)."""
+    def sample() -> list[list[int]]:
+        with open("/proc/stat") as f:
+            return [list(map(int, ln.split()[1:])) for ln in f if ln[:3] == "cpu" and ln[3] != " "]
+
+    a = sample()
+    time.sleep(interval)  # the sampling window itself
+    b = sample()
+    busy = []
+    for x, y in zip(a, b, strict=True):
+        d = [j - i for i, j in zip(x, y, strict=True)]
+        busy.append(1 - (d[3] + d[4]) / max(1, sum(d)))  # idle + iowait
+    return max(busy)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.1) -> bool:
+    """Wait until no CPU is more than `threshold` busy, so a run measures the
+    setup and not whatever else this machine runs. False if it never got quiet."""
+    deadline = time.monotonic() + max_wait
+    while cpu_busy() > threshold:
+        if time.monotonic() > deadline:
+            return False
+    return True
+
+
 def throughput(args) -> list[dict]:
+    """Runs of the setups alternate (gateway, testpmd, raw, gateway, ...), so a
+    disturbance during the benchmark hits every setup alike."""
     results = []
     for direction, queues, size in itertools.product(args.directions, args.queues, args.sizes):
-        for setup in args.setups:
-            if setup == "testpmd" and queues > 1:
-                print("  testpmd: skipped with 2 queue pairs: its io mode pairs whole ports, and"
-                      " net_af_xdp on veth needs one port per queue", file=sys.stderr)
-                continue
-            pps = []
-            for _ in range(args.runs):
-                with topology(queues=queues) as topo:
-                    pps.append(RUNNERS[direction](setup, topo, size, queues, args.seconds))
-            mid = statistics.median(pps)
+        names = [s for s in args.setups if s != "testpmd" or queues == 1]
+        if len(names) < len(args.setups):
+            print("  testpmd: skipped with 2 queue pairs: its io mode pairs whole ports, and"
+                  " net_af_xdp on veth needs one port per queue", file=sys.stderr)
+        pps: dict[str, list[float]] = {n: [] for n in names}
+        noisy: dict[str, int] = {n: 0 for n in names}
+        for _, setup in itertools.product(range(args.runs), names):
+            if not wait_quiet(args.quiet_wait):
+                noisy[setup] += 1
+                print("  warning: other processes keep a CPU busy; measuring anyway",
+                      file=sys.stderr)
+            with topology(queues=queues) as topo:
+                pps[setup].append(RUNNERS[direction](setup, topo, size, queues, args.seconds))
+        for setup in names:
+            mid = statistics.median(pps[setup])
             results.append({"setup": setup, "direction": direction, "size": size,
-                             "queues": queues, "mpps": mid / 1e6, "min_mpps": min(pps) / 1e6,
-                             "max_mpps": max(pps) / 1e6, "gbps": mid * size * 8 / 1e9,
-                             "runs_mpps": [p / 1e6 for p in pps]})
-            print(f"  {setup} {direction} {size} B x{queues}q: {mid / 1e6:.3f} Mpps",
-                  file=sys.stderr)
+                            "queues": queues, "mpps": mid / 1e6,
+                            "min_mpps": min(pps[setup]) / 1e6, "max_mpps": max(pps[setup]) / 1e6,
+                            "gbps": mid * size * 8 / 1e9,
+                            "runs_mpps": [p / 1e6 for p in pps[setup]],
+                            "noisy_runs": noisy[setup]})
+            print(f"  {setup} {direction} {size} B x{queues}q: {mid / 1e6:.3f} Mpps "
+                  f"(runs {', '.join(f'{p / 1e6:.3f}' for p in pps[setup])})", file=sys.stderr)
     return results
 
 
@@ -273,6 +304,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--setups", type=csv_list(str), default=list(SETUPS))
     ap.add_argument("--directions", type=csv_list(str), default=list(DIRECTIONS))
     ap.add_argument("--queues", type=csv_list(int), default=[1, 2])
+    ap.add_argument("--quiet-wait", type=float, default=60.0,
+                    help="before each run, wait up to this long for idle CPUs")
     ap.add_argument("--trial-seconds", type=float, default=2.0, help="per zero-loss trial")
     ap.add_argument("--max-trials", type=int, default=12, help="per zero-loss search")
     ap.add_argument("--pings", type=int, default=1000, help="latency samples per setup")

@@ -3,8 +3,9 @@
 Each context manager takes a topology (gateway.testing.netns) and yields the
 path of a vhost-user server socket that forwards between a guest and the
 topology's NIC, pinned to CPU 0 (FORWARDER_CPU); guests and traffic sources
-run on CPU 1 (SOURCE_CPU). Both setups are given the same CPU and queue count,
-so figures compare like with like.
+run on CPU 1 (SOURCE_CPU). With 2 queue pairs the forwarder's workers get one
+CPU each (this machine has two). Both setups are given the same CPUs and queue
+count, so figures compare like with like.
 
   gateway   this project's data path, in this process (threads inherit CPU 0)
   testpmd   DPDK testpmd forwarding net_vhost <-> net_af_xdp in io mode
@@ -17,6 +18,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 
+from gateway.datapath.worker import pin_workers
 from gateway.datapath.xdp_port import XdpPort
 from gateway.registry import Registry
 from gateway.testing import testpmd as tp
@@ -48,9 +50,15 @@ def _sock(name: str) -> str:
     return os.path.join(tempfile.mkdtemp(prefix="gw-bench-"), name)
 
 
+def forwarder_cpus(queue_pairs: int) -> list[int]:
+    return [FORWARDER_CPU] if queue_pairs == 1 else [FORWARDER_CPU, SOURCE_CPU]
+
+
 @contextlib.contextmanager
 def serve_gateway(topo, queue_pairs: int = 1, mac: str = GUEST_MAC) -> Iterator[str]:
     with contextlib.ExitStack() as stack:
+        pin_workers(forwarder_cpus(queue_pairs))  # as `gateway daemon --cpus` does
+        stack.callback(pin_workers, [])
         with pinned(FORWARDER_CPU):
             nic = Nic(topo.nic)
             stack.callback(nic.close)
@@ -69,7 +77,8 @@ def serve_testpmd(topo, queue_pairs: int = 1) -> Iterator[str]:
     vhost = f"net_vhost0,iface={sock},queues={queue_pairs}"
     with tp.Testpmd(vdev=vhost, eal_args=["--vdev", f"net_af_xdp0,iface={topo.nic},"
                                           f"queue_count={queue_pairs}"],
-                    lcores=lcores(FORWARDER_CPU, queue_pairs), nb_cores=queue_pairs,
+                    lcores=",".join(f"{i}@{c}" for i, c in enumerate(
+                        [FORWARDER_CPU, *forwarder_cpus(queue_pairs)])), nb_cores=queue_pairs,
                     queues=queue_pairs, args=["--forward-mode=io"]) as fwd:
         fwd.wait_ready()
         fwd.start()

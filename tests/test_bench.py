@@ -15,7 +15,7 @@ def test_benchmark_short_mode_writes_results(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--seconds",
                         "0.3", "--runs", "1", "--sizes", "64", "--json", str(out),
-                        "--plot", str(png), "--no-extras"],
+                        "--plot", str(png), "--no-extras", "--quiet-wait", "1"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
