@@ -242,7 +242,8 @@ class Gateway:
             for reason in ("rx_dropped", "rx_ring_full", "rx_fill_ring_empty_descs",
                            "tx_ring_full", "tx_no_frame", "tx_spoofed", "tx_runt"):
                 drops[reason] = p[reason]
-            out[n] = {k: s[k] for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")}
+            out[n] = {k: s[k] for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
+                                        "broken_total")}
             out[n]["drops"] = drops
         return {"devices": out}
 

@@ -17,13 +17,19 @@ import signal
 from gateway.api import Gateway, GatewayError
 from gateway.control import serve, socket_path
 from gateway.datapath.worker import pin_workers
+from gateway.datapath.xdp_port import set_busy_poll
 from gateway.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
 
 
 def run(run_dir: str, state_dir: str, *, metrics_listen: str | None = None,
-        cpus: list[int] | None = None, ready=print) -> None:
+        cpus: list[int] | None = None, busy_poll_us: int | None = None, ready=print) -> None:
+    if busy_poll_us is not None:
+        try:
+            set_busy_poll(busy_poll_us)
+        except ValueError as e:
+            raise GatewayError(f"--busy-poll-us: {e}") from None
     if cpus:
         try:
             pin_workers(cpus)

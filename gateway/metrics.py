@@ -25,13 +25,18 @@ class GatewayCollector:
         }
         drops = CounterMetricFamily("gateway_drops", "frames dropped, by reason",
                                     labels=["device", "reason"])
+        broken = CounterMetricFamily("gateway_device_broken",
+                                     "times a guest's rings lied and the device was marked broken",
+                                     labels=["device"])
         for dev, c in s.items():
             for key, fam in fams.items():
                 fam.add_metric([dev], c[key])
             for reason, v in c["drops"].items():
                 drops.add_metric([dev, reason], v)
+            broken.add_metric([dev], c["broken_total"])
         yield from fams.values()
         yield drops
+        yield broken
 
 
 def serve_metrics(gw: Gateway, listen: str):

@@ -42,3 +42,9 @@ def test_daemon_bad_cpus_is_one_line_and_nonzero(cpus, why, tmp_path):
     result = CliRunner().invoke(main, ["daemon", "--cpus", cpus, "--run-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert why in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_daemon_bad_busy_poll_is_refused(tmp_path):
+    result = CliRunner().invoke(main, ["daemon", "--busy-poll-us", "-5", "--run-dir",
+                                       str(tmp_path)])
+    assert result.exit_code == 2 and "--busy-poll-us" in result.output

@@ -28,6 +28,16 @@ Sock = tuple[QueueUmem, XskSocket]
 # sleeps: a burst arriving within it costs no wake-up, and idle costs nothing.
 SPIN_NS = 50_000
 BUDGET_NS = 20_000_000  # hand back to Python at least this often (stop, stats)
+_spin_ns = [SPIN_NS]
+
+
+def set_busy_poll(us: int) -> None:
+    """How long workers poll after the last frame before they sleep. Longer
+    spares sparse traffic the wake-up (lower latency) and costs a whole CPU per
+    busy worker while traffic lasts; never more than 1 s."""
+    if not 0 <= us <= 1_000_000:
+        raise ValueError(f"busy poll {us} us is outside 0..1000000")
+    _spin_ns[0] = us * 1000
 
 
 class XdpQueue:
@@ -77,7 +87,7 @@ class XdpQueue:
         if p is None or p.txq != txq.native or p.rxq != rxq.native:
             p = self._pump = self._make_pump(txq, rxq)
         moved = self.inbox.to_guest(rxq) if self.inbox is not None else 0
-        r = lib.gw_pump_run(p, SPIN_NS, BUDGET_NS)
+        r = lib.gw_pump_run(p, _spin_ns[0], max(BUDGET_NS, _spin_ns[0]))
         if r < 0:
             (txq if p.broken == 1 else rxq).check(-1)
         if self._local.n:

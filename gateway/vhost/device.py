@@ -56,6 +56,9 @@ class VhostDevice:
         self.workers: dict[int, tuple[QueuePairWorker, tuple]] = {}
         self.running = False
         self.broken_reason: str | None = None
+        # Times a guest broke this device: the mark itself is cleared by the next
+        # session, so without a count a guest that keeps lying leaves no trace.
+        self.broken_total = 0
         self.negotiated_features = 0
         self.counters = {"rx_packets": 0, "rx_bytes": 0, "tx_packets": 0, "tx_bytes": 0}
         self.drops = {"tx_too_big": 0, "tx_short": 0, "rx_too_big": 0}
@@ -104,6 +107,7 @@ class VhostDevice:
             for w, _ in self.workers.values():
                 _add_worker_stats(out, drops, w)
         out["drops"] = drops
+        out["broken_total"] = self.broken_total
         return out
 
     # -- called by the connection (backend.Device protocol) ---------------------
@@ -180,7 +184,7 @@ class VhostDevice:
         ring = conn.rings[index]
         size, addr = ring.size, ring.addr
         assert size is not None and addr is not None  # ring_runs checked
-        hosts = {}
+        hosts, spans = {}, []
         for (what, qva, align), length in zip(
             (("desc", addr.desc, DESC_ALIGN), ("avail", addr.avail, AVAIL_ALIGN),
              ("used", addr.used, USED_ALIGN)),
@@ -193,6 +197,14 @@ class VhostDevice:
                 hosts[what] = conn.memory.qva_to_host(qva, length)
             except MemoryTableError as e:
                 raise ProtocolError(f"ring {index}: {what} ring: {e}") from None
+            for other, start, n in spans:
+                # A used ring over the descriptor table (or any two parts sharing
+                # bytes) would have our used entries rewrite what C reads as
+                # descriptors: the guest gets a ring that lies by construction.
+                if qva < start + n and start < qva + length:
+                    raise ProtocolError(f"ring {index}: {what} ring at {qva:#x}+{length} "
+                                        f"overlaps the {other} ring at {start:#x}+{n}")
+            spans.append((what, qva, length))
         acked = conn.acked_features
         return VirtQueue(
             mem=conn.memory.native,
@@ -210,7 +222,13 @@ class VhostDevice:
 
     def _start_worker(self, conn: VhostConnection, qp: int, key: tuple) -> None:
         rx, tx = conn.rings[2 * qp], conn.rings[2 * qp + 1]
-        rxq, txq = self._vq(conn, rx.index), self._vq(conn, tx.index)
+        try:
+            rxq, txq = self._vq(conn, rx.index), self._vq(conn, tx.index)
+        except ProtocolError as e:
+            # Ring addresses come from the guest's driver: refusing them is a
+            # guest lie like a bad descriptor, so the operator sees it the same way.
+            self._mark_broken(qp, str(e))
+            raise
         w = QueuePairWorker(
             f"{self.name}/q{qp}",
             rxq=rxq,
@@ -238,10 +256,15 @@ class VhostDevice:
         conn.rings[2 * qp].base = w.rxq.last_avail
         conn.rings[2 * qp + 1].base = w.txq.last_avail
 
+    def _mark_broken(self, qp: int, reason: str) -> None:
+        with self._lock:
+            self.broken_reason = f"queue pair {qp}: {reason}"
+            self.broken_total += 1
+        log.error("%s: broken: %s", self.name, self.broken_reason)
+
     def _broken(self, qp: int, reason: str) -> None:
         """A worker found the guest lying. Runs on the worker's thread."""
-        self.broken_reason = f"queue pair {qp}: {reason}"
-        log.error("%s: broken: %s", self.name, self.broken_reason)
+        self._mark_broken(qp, reason)
         conn = self.conn
         if conn is not None:
             for ring in (conn.rings[2 * qp], conn.rings[2 * qp + 1]):
