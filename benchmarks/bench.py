@@ -232,7 +232,8 @@ def plot(results: list[dict], path: str) -> None:
                         ys.append(r["mpps"])
                         lo.append(r["mpps"] - r["min_mpps"])
                         hi.append(r["max_mpps"] - r["mpps"])
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=name)
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=name,
+                   color=f"C{SETUPS.index(name)}")  # one colour per setup in every panel
         ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(sizes))],
                       [f"{s} B" for s in sizes])
         ax.set_title(f"{direction}, {queues} queue pair{'s' if queues > 1 else ''}")
