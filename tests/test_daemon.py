@@ -39,7 +39,7 @@ def test_attach_list_stats_detach(env, tmp_path):
         assert "vm0: running" in listed and "VERSION_1" in listed
         stats = json.loads(d.ok("stats", "--json"))
     c = stats["devices"]["vm0"]
-    assert set(c) == {"rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "drops"}
+    assert set(c) == {"rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "broken_total", "drops"}
     assert all(isinstance(v, int) for k, v in c.items() if k != "drops")
     assert all(isinstance(v, int) for v in c["drops"].values())
     assert c["tx_packets"] == 10 and c["tx_bytes"] == 10 * 64
@@ -48,6 +48,7 @@ def test_attach_list_stats_detach(env, tmp_path):
     text = body.decode()
     assert 'gateway_tx_packets_total{device="vm0"} 10.0' in text
     assert 'gateway_drops_total{device="vm0",reason="xdp_stopped"}' in text
+    assert 'gateway_device_broken_total{device="vm0"} 0.0' in text
     d.ok("detach", "vm0")
     assert json.loads(d.ok("list", "--json"))["devices"] == []
     assert link.xdp_state(topo.nic)[0] is None
