@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
 import subprocess
@@ -292,22 +293,31 @@ def ethtool_stats(ifname: str) -> dict[str, int]:
 
 @pytest.mark.parametrize("queue_pairs", [1, 2])
 def test_return_traffic_on_either_nic_queue_reaches_the_guest(tmp_path, queue_pairs):
+    """Flows spread over both NIC queues all reach the guest, and none of them
+    reaches a second, promiscuous guest on the same queues (the test front-end
+    takes every frame it is given)."""
     n = 2000
     with topology(queues=2) as topo:
         nic = Nic(topo.nic)
         service = VhostService().start()
         port = XdpPort(nic, "vm0", GUEST_MAC, queue_pairs=queue_pairs)
+        other = XdpPort(nic, "vm1", "52:54:00:aa:00:02", queue_pairs=2)
         try:
             dev = Registry().create("vm0", port, queue_pairs=queue_pairs)
-            path = str(tmp_path / "vm0.sock")
+            dev1 = Registry().create("vm1", other, queue_pairs=2)
+            path, path1 = str(tmp_path / "vm0.sock"), str(tmp_path / "vm1.sock")
             service.listen(dev, path)
+            service.listen(dev1, path1)
             ip = guest_ip(topo)
             topo.run("ip", "neigh", "replace", ip, "lladdr", GUEST_MAC, "dev", topo.peer,
                      "nud", "permanent")
             with Frontend(path, queue_pairs=queue_pairs, queue_size=1024,
-                          mem_size=32 << 20) as fe:
+                          mem_size=32 << 20) as fe, Frontend(path1, queue_pairs=2) as fe1:
                 fe.connect().setup()
-                fe.timeout = 0.5  # per wait on a queue pair that may have nothing
+                fe1.connect().setup()
+                fe.timeout = fe1.timeout = 0.5  # per wait on a queue pair that may have nothing
+                for qp in range(2):
+                    fe1.post_rx(256, qp=qp)
                 deadline = time.monotonic() + 30
                 for qp in range(queue_pairs):
                     fe.post_rx(1024, qp=qp)
@@ -324,17 +334,25 @@ def test_return_traffic_on_either_nic_queue_reaches_the_guest(tmp_path, queue_pa
                         frames = [f for f in raw if f[12:14] == b"\x08\x00"]
                         per_qp[qp] += len(frames)
                         got += frames
+                leaked = []
+                for qp in range(2):
+                    with contextlib.suppress(FrontendError):
+                        while True:
+                            leaked += [f for f in fe1.receive(1, qp=qp)
+                                       if f[:6] == mac_bytes(GUEST_MAC)]
             stats = ethtool_stats(topo.nic)
             mode = nic.program.mode
         finally:
             service.stop()
             port.close()
+            other.close()
             nic.close()
     assert mode == "native"  # the per-queue redirect counters below exist there only
     assert stats["rx_queue_0_xdp_redirect"] > 0 and stats["rx_queue_1_xdp_redirect"] > 0
     assert sorted(f[42:] for f in got) == sorted(
         b"flow %02d datagram %05d" % (i % 32, i) for i in range(n))
     assert all(per_qp)
+    assert leaked == []
 
 
 def test_an_idle_device_sleeps(wire):
