@@ -6,6 +6,7 @@ import pytest
 
 from gateway.testing import qemu
 from gateway.testing.guest import ensure_guest, make_initrd, net_up
+from gateway.xdp import link
 
 pytestmark = [
     pytest.mark.qemu,
@@ -23,7 +24,11 @@ done
 """
 
 
-def test_guest_keeps_pinging_across_a_daemon_restart(env, tmp_path):
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_guest_keeps_pinging_across_a_daemon_restart(env, tmp_path, how):
+    """SIGTERM undoes the kernel state; after SIGKILL the next daemon finds the
+    crashed one's XDP program and MAC filter and replaces them. Either way it
+    restores vm0 from its state file and the guest's ping loop carries on."""
     topo, d = env
     ip = f"10.{topo.peer_ip.split('.')[1]}.0.2"
     sock = str(tmp_path / "vm0-qemu.sock")
@@ -36,8 +41,14 @@ def test_guest_keeps_pinging_across_a_daemon_restart(env, tmp_path):
         d.ok("attach", "vm0", topo.nic, "--mac", GUEST_MAC, "--client", sock)
         for _ in range(3):
             vm.wait_for(r"GW-GUEST: ping ok", 120)
-        assert d.stop() == 0  # SIGTERM: the guest's network is gone for now
+        if how == "SIGTERM":
+            assert d.stop() == 0  # the guest's network is gone for now
+        else:
+            d.proc.kill()
+            d.proc.wait()
+            assert link.xdp_state(topo.nic)[0] is not None  # left behind by the crash
         d.start()  # restores vm0 and dials QEMU again
+        assert link.fdb_entries(topo.nic) == [GUEST_MAC]  # one filter, not a stale one too
         for _ in range(3):  # the same guest, no reboot: its ping loop carries on
             vm.wait_for(r"GW-GUEST: ping ok", 120)
         vm.check()
