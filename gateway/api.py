@@ -110,6 +110,10 @@ class Gateway:
         self.service = VhostService().start()
         self.nics: dict[str, Nic] = {}
         self.attached: dict[str, tuple[Attachment, XdpPort, VhostDevice]] = {}
+        # saved or attached devices that are not running for want of their NIC
+        # (deleted, or absent at start): re-attached when a NIC of that name appears
+        self.pending: dict[str, tuple[Attachment, str]] = {}
+        self.nics_down: set[str] = set()
         self.lock = threading.RLock()  # metrics scrapes read while requests change things
 
     # -- attach / detach ---------------------------------------------------------
@@ -124,7 +128,7 @@ class Gateway:
                                    f"{ {int: 'a number', bool: 'true or false'}.get(want, 'text')}")
         if not NAME_RE.match(a.name):
             raise GatewayError(f"bad name {a.name!r}: use 1-32 letters, digits, '_', '.', '-'")
-        if a.name in self.attached:
+        if a.name in self.attached or a.name in self.pending:
             raise GatewayError(f"a device named {a.name} is already attached")
         a.mac = normalise_mac(a.mac or default_mac(a.name))
         for other, _, _ in self.attached.values():
@@ -155,6 +159,8 @@ class Gateway:
 
     @_locked
     def attach(self, a: Attachment, *, save: bool = True) -> dict:
+        if self.pending.get(a.name, (None,))[0] is a:  # a retry of a pending device
+            del self.pending[a.name]
         if not a.socket:
             a.socket = os.path.join(self.run_dir, f"{a.name}.sock")
         a.socket = os.path.abspath(a.socket)
@@ -188,8 +194,20 @@ class Gateway:
 
     @_locked
     def detach(self, name: str, *, save: bool = True) -> None:
+        if name in self.pending:
+            del self.pending[name]
+            if save:
+                self._save()
+            log.info("%s: detached (it was waiting for its NIC)", name)
+            return
         if name not in self.attached:
             raise GatewayError(f"no device named {name}")
+        self._teardown(name)
+        if save:
+            self._save()
+        log.info("%s: detached", name)
+
+    def _teardown(self, name: str) -> None:
         a, port, _ = self.attached.pop(name)
         try:
             self.service.remove(name)
@@ -197,9 +215,6 @@ class Gateway:
             self.registry.remove(name)
             port.close()
             self._drop_idle_nic(a.iface)
-        if save:
-            self._save()
-        log.info("%s: detached", name)
 
     def _drop_idle_nic(self, iface: str) -> None:
         nic = self.nics.get(iface)
@@ -210,11 +225,18 @@ class Gateway:
     # -- queries ------------------------------------------------------------------
 
     def describe(self, name: str) -> dict:
+        if name in self.pending:
+            a, why = self.pending[name]
+            d = asdict(a)
+            d.update(state="pending", reason=why, features=[], qemu_args=qemu_args(a),
+                     libvirt_xml=libvirt_xml(a))
+            return d
         a, port, dev = self.attached[name]
         d = asdict(a)
         d.update(
             state=dev.state,
-            reason=dev.broken_reason,
+            reason=dev.broken_reason or (f"{a.iface} is down" if a.iface in self.nics_down
+                                         else None),
             features=vf.names(dev.negotiated_features),
             xdp_mode=port.nic.program.mode,
             bind_mode=port.mode,
@@ -225,7 +247,7 @@ class Gateway:
 
     @_locked
     def list(self) -> list[dict]:
-        return [self.describe(n) for n in sorted(self.attached)]
+        return [self.describe(n) for n in sorted({*self.attached, *self.pending})]
 
     @_locked
     def stats(self, name: str | None = None) -> dict:
@@ -255,7 +277,8 @@ class Gateway:
         path = os.path.join(self.state_dir, STATE_FILE)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump([asdict(a) for a, _, _ in self.attached.values()], f, indent=1)
+            json.dump([asdict(a) for a, _, _ in self.attached.values()]
+                      + [asdict(a) for a, _ in self.pending.values()], f, indent=1)
         os.replace(tmp, path)
 
     def restore(self) -> list[str]:
@@ -276,8 +299,51 @@ class Gateway:
                 self.attach(a, save=False)
                 done.append(a.name)
             except GatewayError as e:
-                log.error("%s: not restored: %s", a.name, e)
+                log.error("%s: not restored: %s (retried when %s appears)", a.name, e, a.iface)
+                self.pending[a.name] = (a, str(e))
         return done
+
+    @_locked
+    def on_link(self, event: str, ifname: str, index: int, up: bool) -> None:
+        """A netlink link event (linkwatch.py): a NIC went down or up, was
+        deleted under its devices, or (re)appeared for devices waiting for it."""
+        nic = self.nics.get(ifname)
+        ours = nic is not None and nic.link.index == index
+        if event == "gone":
+            if not ours:
+                return
+            names = sorted(n for n, (a, _, _) in self.attached.items() if a.iface == ifname)
+            log.error("%s was deleted: %s wait for it to come back", ifname, ", ".join(names))
+            for n in names:
+                a = self.attached[n][0]
+                try:
+                    self._teardown(n)
+                except Exception:  # the kernel already took most of it with the NIC
+                    log.exception("%s: teardown after %s vanished", n, ifname)
+                    self.attached.pop(n, None)
+                self.pending[n] = (a, f"{ifname} was deleted")
+            self.nics.pop(ifname, None)
+            self.nics_down.discard(ifname)
+            return
+        if ours:
+            if up and ifname in self.nics_down:
+                self.nics_down.discard(ifname)
+                log.warning("%s is up again", ifname)
+            elif not up and ifname not in self.nics_down:
+                self.nics_down.add(ifname)
+                log.error("%s went down: its devices pass no traffic until it is up", ifname)
+            return
+        for n, (a, _) in sorted(self.pending.items()):
+            if a.iface != ifname:
+                continue
+            try:
+                self.attach(a, save=False)
+            except GatewayError as e:
+                self.pending[n] = (a, str(e))
+                log.error("%s: %s is back but re-attaching failed: %s", n, ifname, e)
+                continue
+            self.pending.pop(n, None)
+            log.warning("%s: %s is back, re-attached", n, ifname)
 
     def shutdown(self) -> None:
         """Undo all kernel state (the state file stays, for the next start)."""

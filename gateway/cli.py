@@ -166,7 +166,7 @@ def list_(run_dir: str, as_json: bool) -> None:
         click.echo(f"{d['name']}: {state}\n"
                    f"  nic {d['iface']}  mac {d['mac']}  queues {d['queues']}  mtu {d['mtu']}\n"
                    f"  socket {d['socket']} ({d['mode']} mode)\n"
-                   f"  xdp {d['xdp_mode']}  af_xdp {d['bind_mode']}\n"
+                   f"  xdp {d.get('xdp_mode', '-')}  af_xdp {d.get('bind_mode', '-')}\n"
                    f"  features {' '.join(d['features']) or '-'}")
 
 

@@ -18,6 +18,7 @@ from gateway.api import Gateway, GatewayError
 from gateway.control import serve, socket_path
 from gateway.datapath.worker import pin_workers
 from gateway.datapath.xdp_port import set_busy_poll
+from gateway.linkwatch import LinkWatch
 from gateway.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,15 @@ async def _main(gw: Gateway, run_dir: str, ready) -> None:
         loop.add_signal_handler(sig, stop.set)
     one_at_a_time = concurrent.futures.ThreadPoolExecutor(1)
     server = await serve(gw, run_dir, one_at_a_time)
+
+    def on_link(*event) -> None:  # in the request thread: never alongside a request
+        try:
+            gw.on_link(*event)
+        except Exception:
+            log.exception("handling link event %s failed", event)
+
+    # watching first: a NIC that appears during the restore is not missed
+    watch = LinkWatch(lambda *ev: one_at_a_time.submit(on_link, *ev)).start()
     try:
         restored = await loop.run_in_executor(one_at_a_time, gw.restore)
         if restored:
@@ -67,6 +77,7 @@ async def _main(gw: Gateway, run_dir: str, ready) -> None:
         ready(f"gateway daemon ready on {socket_path(run_dir)}")
         await stop.wait()
     finally:
+        watch.stop()
         server.close()
         await server.wait_closed()
         try:

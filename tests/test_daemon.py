@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -214,3 +215,69 @@ def test_control_socket_is_root_only_even_if_its_mode_is_loosened(tmp_path):
     finally:
         d.stop()
         shutil.rmtree(run, ignore_errors=True)
+
+
+def _wait_listed(d: Daemon, name: str, check) -> dict:
+    """The device as `list --json` shows it, once `check` accepts it."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        devs = {x["name"]: x for x in json.loads(d.ok("list", "--json"))["devices"]}
+        if check(devs.get(name)) or time.monotonic() > deadline:
+            return devs.get(name)
+        time.sleep(0.05)  # the daemon reacts to a netlink event: nothing to wait on here
+
+
+def test_nic_down_and_up_under_a_running_device(env):
+    """A clear state while the NIC is down, never a crash, and back when it is up."""
+    from pyroute2 import IPRoute
+
+    topo, d = env
+    dev = json.loads(d.ok("attach", "vm0", topo.nic, "--json"))
+    with Frontend(dev["socket"]) as fe:
+        fe.connect().setup()
+        assert _wait_listed(d, "vm0", lambda x: x["state"] == "running")["state"] == "running"
+        with IPRoute() as ipr:
+            ipr.link("set", index=topo.nic_index, state="down")
+        x = _wait_listed(d, "vm0", lambda x: x["reason"])
+        assert x["reason"] == f"{topo.nic} is down" and x["state"] == "running"
+        with IPRoute() as ipr:
+            ipr.link("set", index=topo.nic_index, state="up")
+        assert _wait_listed(d, "vm0", lambda x: not x["reason"])["reason"] is None
+        before = topo.peer_stats()["rx_packets"]
+        frames = [bytes.fromhex("0200000000" + "99") + bytes.fromhex(
+            dev["mac"].replace(":", "")) + b"\x88\xb5" + bytes([i]) * 50 for i in range(5)]
+        fe.transmit(frames)
+        fe.wait_tx_done(5)
+        deadline = time.monotonic() + TIMEOUT
+        while topo.peer_stats()["rx_packets"] < before + 5 and time.monotonic() < deadline:
+            time.sleep(0.01)  # a kernel counter: nothing to wait on
+        assert topo.peer_stats()["rx_packets"] == before + 5
+    assert d.proc.poll() is None
+
+
+def test_a_device_whose_nic_is_missing_waits_for_it(tmp_path):
+    """A saved device whose NIC is absent at start is listed `pending` with the
+    reason, stays on file, and is attached when a NIC of that name appears."""
+    from pyroute2 import IPRoute
+
+    nic = f"gwt{os.getpid() % 100000}late"
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "attachments.json").write_text(json.dumps([{"name": "vm0", "iface": nic,
+                                                          "mac": "52:54:00:12:00:01"}]))
+    d = Daemon(str(tmp_path / "run"), str(state)).start()
+    try:
+        (x,) = json.loads(d.ok("list", "--json"))["devices"]
+        assert x["state"] == "pending" and nic in x["reason"]
+        assert "vm0: pending" in d.ok("list")
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=nic, kind="veth", peer=nic + "p")
+            ipr.link("set", index=ipr.link_lookup(ifname=nic)[0], state="up")
+        x = _wait_listed(d, "vm0", lambda x: x["state"] == "waiting")
+        assert x["state"] == "waiting" and x["xdp_mode"] == "native"
+        assert json.loads((state / "attachments.json").read_text())[0]["iface"] == nic
+    finally:
+        d.stop()
+        with IPRoute() as ipr:
+            for i in ipr.link_lookup(ifname=nic):
+                ipr.link("del", index=i)

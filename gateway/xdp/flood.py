@@ -9,6 +9,7 @@ for the rate such traffic comes at; unicast never passes here.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -51,6 +52,8 @@ class FloodTap:
                 try:
                     data, addr = self._sock.recvfrom(MAX_FRAME)
                 except OSError as e:
+                    if e.errno == errno.ENETDOWN:
+                        continue  # the NIC went down: broadcasts resume when it is up
                     log.error("%s: flood tap: %s", self.ifname, e)
                     return
                 if addr[2] in (PACKET_BROADCAST, PACKET_MULTICAST):

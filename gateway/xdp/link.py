@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import threading
 from dataclasses import dataclass
 
@@ -55,6 +56,16 @@ def _get_link(ipr: IPRoute, ifname: str):
     return ipr.get_links(idx[0])[0]
 
 
+def _real_queues(ifname: str, kind: str) -> int:
+    """Queues in use, which AF_XDP binds to: netlink gives only how many the
+    device could have (a plain `ip link add ... type veth` has 2 and uses 1),
+    sysfs lists the ones in use. 0 if it cannot tell."""
+    try:
+        return sum(e.startswith(kind + "-") for e in os.listdir(f"/sys/class/net/{ifname}/queues"))
+    except OSError:
+        return 0
+
+
 def resolve(ifname: str, *, require_up: bool = True) -> LinkInfo:
     """The NIC's facts; LinkError when it does not exist or (with require_up) is down."""
     with IPRoute() as ipr:
@@ -66,8 +77,8 @@ def resolve(ifname: str, *, require_up: bool = True) -> LinkInfo:
         mac=msg.get_attr("IFLA_ADDRESS"),
         mtu=msg.get_attr("IFLA_MTU"),
         state="up" if up else "down",
-        rx_queues=msg.get_attr("IFLA_NUM_RX_QUEUES") or 1,
-        tx_queues=msg.get_attr("IFLA_NUM_TX_QUEUES") or 1,
+        rx_queues=_real_queues(ifname, "rx") or msg.get_attr("IFLA_NUM_RX_QUEUES") or 1,
+        tx_queues=_real_queues(ifname, "tx") or msg.get_attr("IFLA_NUM_TX_QUEUES") or 1,
     )
     if require_up and not up:
         raise LinkError(f"{ifname} is down: bring it up first (ip link set dev {ifname} up)")
