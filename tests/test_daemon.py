@@ -125,7 +125,9 @@ def test_stats_watch_shows_a_live_table(env):
     d.ok("attach", "vm0", topo.nic)
     p = subprocess.Popen([sys.executable, "-m", "gateway.cli", "stats", "--watch",
                           "--interval", "0.2", "--run-dir", d.run_dir],
-                         stdout=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "160"})
+                         stdout=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "160"},
+                         # a shell's background job ignores SIGINT, and children inherit it
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = ""
         for line in p.stdout:  # rich redraws; the table shows up within a refresh

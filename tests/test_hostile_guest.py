@@ -142,20 +142,14 @@ class FarHost:
 
 
 class DaemonLog:
-    """Keeps reading the daemon's stderr: nobody else does after start-up, and a
-    full pipe would block its logging (and with it the control plane)."""
+    """The daemon's log lines so far (the Daemon helper keeps reading them)."""
 
-    def __init__(self, stream) -> None:
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
 
-    def _read(self, stream) -> None:
-        try:
-            for line in stream:
-                self.lines.append(line)
-        except (ValueError, OSError):  # closed by Daemon.stop
-            pass
+    @property
+    def lines(self) -> list[str]:
+        return self.daemon.log
 
 
 class Sender(threading.Thread):
@@ -387,7 +381,7 @@ def rig(tmp_path_factory):
         d = Daemon(str(tmp / "run"), str(tmp / "state")).start()
         far = good_fe = sender = None
         try:
-            log = DaemonLog(d.proc.stderr)
+            log = DaemonLog(d)
             far = FarHost(topo)
             good = json.loads(d.ok("attach", "good", topo.nic, "--json"))
             good_fe = Frontend(good["socket"]).connect().setup()

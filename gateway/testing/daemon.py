@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 TIMEOUT = 30
 
@@ -23,6 +24,8 @@ class Daemon:
         self.run_dir, self.state_dir, self.args = run_dir, state_dir, args
         self.metrics = f"127.0.0.1:{free_port()}"
         self.proc: subprocess.Popen | None = None
+        self.log: list[str] = []
+        self._reader: threading.Thread | None = None
 
     def start(self) -> Daemon:
         self.proc = subprocess.Popen(
@@ -30,13 +33,23 @@ class Daemon:
              "--state-dir", self.state_dir, "--metrics-listen", self.metrics, *self.args],
             stderr=subprocess.PIPE, text=True)
         for line in self.proc.stderr:  # its log, until it says it is ready
+            self.log.append(line)
             if "gateway daemon ready" in line:
+                # keep reading: a daemon whose log pipe fills up blocks in mid-request
+                self._reader = threading.Thread(target=self._read_log, daemon=True)
+                self._reader.start()
                 return self
-        raise RuntimeError(f"daemon exited with {self.proc.wait()}")
+        raise RuntimeError(f"daemon exited with {self.proc.wait()}:\n{''.join(self.log)}")
+
+    def _read_log(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line)
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         rc = self.proc.wait(TIMEOUT)
+        if self._reader is not None:
+            self._reader.join(TIMEOUT)
         self.proc.stderr.close()
         return rc
 
