@@ -2,7 +2,7 @@
 
 50 devices attached and detached, GATEWAY_CHURN_CYCLES times (20 in CI; the
 issue's 1,000 with `GATEWAY_CHURN_CYCLES=1000 ./run.sh test tests/test_churn.py
--s`). One more device stays attached throughout, so the NIC keeps its XDP
+-s --timeout 0`). One more device stays attached throughout, so the NIC keeps its XDP
 program and the loop measures devices, not bcc compiles. The daemon's fd count,
 RSS and the program's mac2slot entries must come back to where they started;
 the test prints them.
