@@ -31,6 +31,20 @@ def footprint(pid: int, nic: str) -> tuple[int, float, int]:
     return fds, rss, len(stale_macs(link.xdp_state(nic)[0]))
 
 
+def settled(pid: int, nic: str) -> tuple[int, float, int]:
+    """footprint() once the daemon has closed the last request's connection,
+    which it does after replying: the fd count holds still for 0.3 s."""
+    deadline = time.monotonic() + 5
+    last = footprint(pid, nic)
+    while time.monotonic() < deadline:
+        time.sleep(0.3)  # a quiet spell is the event: nothing signals it
+        now = footprint(pid, nic)
+        if now[0] == last[0]:
+            return now
+        last = now
+    return last
+
+
 def test_attach_detach_churn_returns_to_baseline(tmp_path):
     with topology() as topo:
         d = Daemon(str(tmp_path / "run"), str(tmp_path / "state")).start()
@@ -41,7 +55,7 @@ def test_attach_detach_churn_returns_to_baseline(tmp_path):
                 request(d.run_dir, "attach", name=n, iface=topo.nic, mac="")
             for n in names:
                 request(d.run_dir, "detach", name=n)
-            base = footprint(d.proc.pid, topo.nic)
+            base = settled(d.proc.pid, topo.nic)
             t0 = time.monotonic()
             for _ in range(CYCLES):
                 for n in names:
@@ -50,10 +64,7 @@ def test_attach_detach_churn_returns_to_baseline(tmp_path):
                 for n in names:
                     request(d.run_dir, "detach", name=n)
             took = time.monotonic() - t0
-            deadline = time.monotonic() + 5
-            while (after := footprint(d.proc.pid, topo.nic))[0] > base[0] and \
-                    time.monotonic() < deadline:
-                time.sleep(0.05)  # the last request's connection closes after its reply
+            after = settled(d.proc.pid, topo.nic)
             print(f"\n{CYCLES} cycles x {DEVICES} devices in {took:.0f} s: fds {base[0]} -> "
                   f"{after[0]}, RSS {base[1]:.1f} -> {after[1]:.1f} MiB, mac2slot entries "
                   f"{base[2]} -> {after[2]}")
