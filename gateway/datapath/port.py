@@ -3,8 +3,9 @@
 A port hands the data path one PortQueue per queue pair. The worker asks the
 queue to move a burst each way (`from_guest`, `to_guest`) and the queue does
 it with the ring calls that suit it: MemoryQueue goes through FrameBuffers and
-Python lists (tests and the demo use it to stand in for the wire); an AF_XDP
-queue copies between guest buffers and UMEM frames in one C call.
+Python lists (tests and the demo use it to stand in for the wire). An AF_XDP
+queue (xdp_port.XdpQueue) has `pump` instead, which the worker prefers: one C
+call that moves bursts both ways until the rings go quiet.
 """
 
 from __future__ import annotations

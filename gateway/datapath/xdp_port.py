@@ -58,27 +58,6 @@ class XdpQueue:
         loc.cap = BURST
         loc.own_mac, loc.check_src = mac_key(port.mac), not port.allow_spoofing
 
-    def from_guest(self, txq: VirtQueue) -> int:
-        qu, s = self.tx
-        n = txq.check(lib.gw_xsk_from_guest(txq.native, qu.native, s.tx, s.fd, BURST,
-                                            self._local))
-        if self._local.n:
-            frames = [self._local_buf.frame(i) for i in range(self._local.n)]
-            self._local.n = 0
-            self.port.nic.deliver_local(frames, self.port)
-        return n
-
-    def to_guest(self, rxq: VirtQueue) -> int:
-        moved, waiting = 0, 0
-        if self.inbox is not None:
-            moved += self.inbox.to_guest(rxq)
-            waiting += self.inbox.backlog()
-        for qu, s in self.rx:
-            moved += rxq.check(lib.gw_xsk_to_guest(rxq.native, qu.native, s.rx, BURST))
-            waiting += lib.gw_xsk_rx_waiting(s.rx)
-        self._backlog = waiting > 0
-        return moved
-
     def pump(self, txq: VirtQueue, rxq: VirtQueue) -> bool:
         """Bursts both ways in C until idle (see gw_pump_run); Python only runs
         for frames other guests must see, the inbox and the worker's own work.
@@ -90,7 +69,7 @@ class XdpQueue:
         r = lib.gw_pump_run(p, _spin_ns[0], max(BUDGET_NS, _spin_ns[0]))
         if r < 0:
             (txq if p.broken == 1 else rxq).check(-1)
-        if self._local.n:
+        if self._local.n:  # guest frames other guests must see
             frames = [self._local_buf.frame(i) for i in range(self._local.n)]
             self._local.n = 0
             self.port.nic.deliver_local(frames, self.port)
