@@ -47,6 +47,14 @@
         }                                                                        \
     } while (0)
 
+/* A burst that returned -1 (TX or RX alike) moved nothing and counted nothing. */
+static void check_broken_untouched(const struct gw_vq *vq, const struct gw_vq *before, int ret)
+{
+    CHECK(ret == -1 && vq->error != 0);
+    CHECK(vq->last_avail == before->last_avail && vq->used_idx == before->used_idx);
+    CHECK(vq->packets == before->packets && vq->bytes == before->bytes);
+}
+
 #define MAX_DATA_REGIONS 8
 #define MAX_REGION_SIZE (64 * 1024)
 #define GUARD 64                    /* poisoned bytes around every region */
@@ -963,9 +971,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (predict)
                 free(ex.frames);
             if (ret < 0) {
-                CHECK(ret == -1 && vq.error != 0);
-                CHECK(vq.last_avail == before.last_avail && vq.used_idx == before.used_idx);
-                CHECK(vq.packets == before.packets && vq.bytes == before.bytes);
+                check_broken_untouched(&vq, &before, ret);
             } else {
                 CHECK(!was_broken && vq.error == 0);
                 CHECK((unsigned)ret <= n);
@@ -1029,9 +1035,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                     CHECK(memcmp(arena_copy + L.host_off[i], L.mem.regions[i].host, rsize[i]) == 0);
             }
             if (ret < 0) {
-                CHECK(ret == -1 && vq.error != 0);
-                CHECK(vq.last_avail == before.last_avail && vq.used_idx == before.used_idx);
-                CHECK(vq.packets == before.packets && vq.bytes == before.bytes);
+                check_broken_untouched(&vq, &before, ret);
             } else {
                 CHECK(!was_broken && vq.error == 0);
                 CHECK((unsigned)ret <= n);
