@@ -239,6 +239,30 @@ def test_bad_front_end_is_cut_off_and_others_go_on(gw):
         assert port_a.queue(0).wait_received(5, TIMEOUT) == frames_of(5)
 
 
+def test_a_header_whose_payload_never_comes_blocks_nobody(gw):
+    """DPDK 22.11's control thread blocked on such a message and no other
+    device could connect. Here the half-sent message waits on its own."""
+    _, port_a, path_a = gw.device("good")
+    _, port_b, path_b = gw.device("stalled")
+    stall = socket.socket(socket.AF_UNIX)
+    stall.connect(path_b)
+    stall.sendall(p.encode(Request.SET_FEATURES, bytes(8))[:p.HEADER.size])  # no payload
+    with Frontend(path_a) as good:
+        good.connect().setup()
+        gw.events.wait("new", "good")
+        good.transmit(frames_of(5))
+        assert port_a.queue(0).wait_received(5, TIMEOUT) == frames_of(5)
+    stall.setblocking(False)
+    with pytest.raises(BlockingIOError):  # still open, still waiting for its payload
+        stall.recv(1)
+    stall.close()
+    with Frontend(path_b) as late:  # the stalled device is free again once it hangs up
+        late.connect().setup()
+        gw.events.wait("new", "stalled")
+        late.transmit(frames_of(3))
+        assert port_b.queue(0).wait_received(3, TIMEOUT) == frames_of(3)
+
+
 def test_hostile_ring_marks_the_device_broken_and_spares_the_rest(gw):
     _, port_a, path_a = gw.device("good")
     bad_dev, _, path_b = gw.device("bad")

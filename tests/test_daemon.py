@@ -283,3 +283,43 @@ def test_a_device_whose_nic_is_missing_waits_for_it(tmp_path):
         with IPRoute() as ipr:
             for i in ipr.link_lookup(ifname=nic):
                 ipr.link("del", index=i)
+
+
+def test_nic_deleted_under_a_running_device_comes_back_with_it(env):
+    """Deleting the NIC under a connected guest: the device goes `pending` with
+    the reason, the daemon lives on, and a NIC of that name brings it back."""
+    from pyroute2 import IPRoute, NetNS
+
+    topo, d = env
+    dev = json.loads(d.ok("attach", "vm0", topo.nic, "--json"))
+    with Frontend(dev["socket"]) as fe:
+        fe.connect().setup()
+        assert _wait_listed(d, "vm0", lambda x: x["state"] == "running")["state"] == "running"
+        with IPRoute() as ipr:
+            ipr.link("del", index=topo.nic_index)  # takes the far end with it
+        x = _wait_listed(d, "vm0", lambda x: x["state"] == "pending")
+        assert x["state"] == "pending" and x["reason"] == f"{topo.nic} was deleted"
+        assert fe.sock.recv(1) == b"", "the old session must be closed"
+    assert d.proc.poll() is None
+    assert not os.path.exists(dev["socket"])
+
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=topo.nic, kind="veth",
+                 peer={"ifname": topo.peer, "net_ns_fd": topo.ns})
+        (idx,) = ipr.link_lookup(ifname=topo.nic)
+        ipr.link("set", index=idx, state="up")
+    with NetNS(topo.ns) as far:
+        far.link("set", index=far.link_lookup(ifname=topo.peer)[0], state="up")
+    x = _wait_listed(d, "vm0", lambda x: x["state"] == "waiting")
+    assert x["state"] == "waiting" and x["reason"] is None
+    with Frontend(dev["socket"]) as fe:
+        fe.connect().setup()
+        before = topo.peer_stats()["rx_packets"]
+        frames = [bytes.fromhex("020000000099") + bytes.fromhex(dev["mac"].replace(":", ""))
+                  + b"\x88\xb5" + bytes([i]) * 50 for i in range(5)]
+        fe.transmit(frames)
+        fe.wait_tx_done(5)
+        deadline = time.monotonic() + TIMEOUT
+        while topo.peer_stats()["rx_packets"] < before + 5 and time.monotonic() < deadline:
+            time.sleep(0.01)  # a kernel counter: nothing to wait on
+        assert topo.peer_stats()["rx_packets"] == before + 5

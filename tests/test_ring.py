@@ -253,6 +253,52 @@ def test_rx_too_big_without_mrg_keeps_the_chain():
     assert h == head and env.drv.read_in(h, n)[12:] == small
 
 
+def guards_intact(env, head: int) -> bool:
+    """Every byte of the chain's slots past its buffers' lengths is still the
+    0x5a the test wrote: the device wrote nothing outside the buffers."""
+    i, more = head, True
+    while more:
+        addr, length, flags, nxt = env.drv.read_desc(i)
+        slot = addr - (addr - BUF_GPA) % SLOT
+        if env.map[addr + length : slot + SLOT] != b"\x5a" * (slot + SLOT - addr - length):
+            return False
+        i, more = nxt, flags & F_NEXT
+    return True
+
+
+@pytest.mark.parametrize("size", [4, 5])
+def test_rx_header_over_tiny_buffers_writes_nothing_outside(size):
+    """DPDK 22.11 wrote past a 4-byte RX buffer when the header spanned three
+    descriptors. A 16-byte chain of four 4-byte buffers takes a 4-byte frame
+    exactly; a 5-byte frame is dropped; either way no byte beyond a buffer moves."""
+    env = Env()
+    head = env.drv.add_in(nbufs=4, buflen=4)
+    f = frame(size, 9)
+    assert env.vq.rx_burst(rx_buf([f]), 0, 1) == 1
+    assert guards_intact(env, head)
+    if size == 4:
+        [(h, n)] = env.drv.poll_used()
+        assert (h, n) == (head, 16)
+        assert env.drv.read_in(h, n) == bytes(10) + b"\x01\x00" + f
+    else:
+        assert env.vq.stats["drop_too_big"] == 1 and env.drv.poll_used() == []
+
+
+def test_rx_mrg_header_split_over_three_descriptors():
+    """With MRG_RXBUF the header alone fills a chain of three 4-byte buffers and
+    num_buffers lands in the third; the frame goes into the next chain."""
+    env = Env(mrg_rxbuf=True)
+    first = env.drv.add_in(nbufs=3, buflen=4)
+    second = env.drv.add_in()
+    f = frame(100, 3)
+    assert env.vq.rx_burst(rx_buf([f]), 0, 1) == 1
+    assert guards_intact(env, first) and guards_intact(env, second)
+    used = env.drv.poll_used()
+    assert used == [(first, 12), (second, 100)]
+    assert env.drv.read_in(first, 12) == bytes(10) + b"\x02\x00"
+    assert env.drv.read_in(second, 100) == f
+
+
 # --- notifications -------------------------------------------------------------
 
 def read_eventfd(fd) -> int:
