@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import struct
 import threading
+import time
 
 import pytest
 
@@ -222,6 +224,23 @@ def test_live_socket_path_is_not_stolen(gw, tmp_path):
         other.close()
 
 
+def test_sockets_are_0660_root_owned_and_a_symlink_is_never_followed(gw, tmp_path):
+    _, _, path = gw.device("vm0")
+    st = os.lstat(path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660 and st.st_uid == 0
+    for target in ("target.sock", "missing.sock"):  # a dead socket, and nothing at all
+        if target == "target.sock":
+            dead = socket.socket(socket.AF_UNIX)
+            dead.bind(str(tmp_path / target))
+            dead.close()
+        link = tmp_path / f"via-{target}"
+        link.symlink_to(tmp_path / target)
+        dev = gw.registry.create(f"vm-{target}", MemoryPort())
+        with pytest.raises(SocketInUse, match="symbolic link"):
+            gw.service.listen(dev, str(link))
+        assert link.is_symlink() and os.path.lexists(tmp_path / target) == (target == "target.sock")
+
+
 def test_bad_front_end_is_cut_off_and_others_go_on(gw):
     _, port_a, path_a = gw.device("good")
     _, _, path_b = gw.device("evil")
@@ -318,6 +337,9 @@ def test_guest_notification_off_means_no_kicks_and_polling(gw):
         tx = fe.rings[1]
         tx.add_out([bytes(fe.hdr_len), frames_of(1)[0]])  # no kick at all
         assert port.queue(0).wait_received(1, TIMEOUT) == frames_of(1)
+        deadline = time.monotonic() + TIMEOUT
+        while not tx.used_flags & 1 and time.monotonic() < deadline:
+            time.sleep(0.001)  # a flag in guest memory: the worker sets it after its first pass
         assert tx.used_flags & 1  # VRING_USED_F_NO_NOTIFY: the guest is told not to kick
     with pytest.raises(ValueError):
         dev.enable_guest_notification(2, False)

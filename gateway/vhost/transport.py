@@ -14,6 +14,7 @@ import array
 import asyncio
 import contextlib
 import errno
+import grp
 import logging
 import os
 import socket
@@ -29,6 +30,18 @@ log = logging.getLogger(__name__)
 
 SEND_TIMEOUT = 5.0
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
+
+
+SOCKET_MODE = 0o660
+SOCKET_GROUP = "gateway"
+
+
+def _group_id() -> int:
+    """The `gateway` group if there is one, else root's."""
+    try:
+        return grp.getgrnam(SOCKET_GROUP).gr_gid
+    except KeyError:
+        return 0
 
 
 class SocketInUse(Exception):
@@ -260,9 +273,11 @@ def check_socket_path(path: str) -> bool:
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise SocketInUse(f"{os.path.dirname(os.path.abspath(path))} does not exist")
     try:
-        st = os.stat(path)
+        st = os.lstat(path)  # a symlink is refused, never followed
     except FileNotFoundError:
         return False
+    if stat.S_ISLNK(st.st_mode):
+        raise SocketInUse(f"{path} is a symbolic link: give the real path")
     if not stat.S_ISSOCK(st.st_mode):
         raise SocketInUse(f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -278,15 +293,26 @@ def check_socket_path(path: str) -> bool:
 
 
 def _bind(path: str) -> socket.socket:
-    """Listen on `path`, replacing a stale socket file but never a live one."""
+    """Listen on `path`, replacing a stale socket file but never a live one.
+
+    Whoever can connect can pose as the guest, so the file is SOCKET_MODE from
+    the start (Linux creates it with the mode of the unbound socket's inode,
+    less the umask) and owned by root and the `gateway` group, like the
+    control socket: a QEMU that does not run as root needs that group."""
     if check_socket_path(path):
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(path)
+        os.fchmod(sock.fileno(), SOCKET_MODE)
+        sock.bind(path)  # bind() never follows a symlink: one there makes it fail
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise SocketInUse(f"{path} was replaced while it was being created")
+        if os.geteuid() == 0:
+            os.chown(path, 0, _group_id(), follow_symlinks=False)
+        os.chmod(path, SOCKET_MODE)
         sock.listen(4)
         sock.setblocking(False)
-    except OSError:
+    except BaseException:
         sock.close()
         raise
     return sock
