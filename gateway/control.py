@@ -124,7 +124,16 @@ async def serve(gw: Gateway, run_dir: str, one_at_a_time: concurrent.futures.Exe
                                          f"is not root or in group {GROUP}"}).encode() + b"\n")
                 await writer.drain()
                 return
-            while line := await reader.readline():
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # no newline within MAX_REQUEST: the rest is not read
+                    writer.write(json.dumps({"ok": False, "error": "bad request: over "
+                                             f"{MAX_REQUEST} bytes"}).encode() + b"\n")
+                    await writer.drain()
+                    return
+                if not line:
+                    return
                 try:
                     req = json.loads(line)
                     if not isinstance(req, dict):
@@ -136,7 +145,7 @@ async def serve(gw: Gateway, run_dir: str, one_at_a_time: concurrent.futures.Exe
                         one_at_a_time, handle, gw, req)
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+        except ConnectionError:
             pass
         finally:
             writer.close()

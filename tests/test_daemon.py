@@ -151,7 +151,20 @@ def test_malformed_control_requests_are_refused(env):
             request(d.run_dir, "attach", **args)
     with pytest.raises(GatewayError, match="unknown command"):
         request(d.run_dir, "reboot")
+    for raw, why in ((b"{not json\n", "bad request: Expecting"),
+                     (b"[1, 2]\n", "bad request: not an object"),
+                     (b"x" * (200 * 1024) + b"\n", "bad request: over 65536 bytes")):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(TIMEOUT)
+            s.connect(os.path.join(d.run_dir, "gateway.sock"))
+            try:
+                s.sendall(raw)
+            except (BrokenPipeError, ConnectionResetError):  # it replied and hung up early
+                pass
+            reply = json.loads(s.makefile("rb").readline())
+        assert reply["ok"] is False and reply["error"].startswith(why), reply
     assert request(d.run_dir, "list") == []
+    assert d.proc.poll() is None
 
 
 def test_cpus_pins_the_data_path_workers(tmp_path):
