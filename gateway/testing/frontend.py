@@ -74,6 +74,7 @@ class Frontend:
         self.rings: list[DriverRing] = []
         self.kicks: list[int] = []
         self.calls: list[int] = []
+        self.errs: list[int] = []
         self.features = 0
         self.protocol_features = 0
         self._layout()
@@ -187,16 +188,11 @@ class Frontend:
         self.features = want
         self.request(Request.SET_FEATURES, p.u64(want))
         self._send_memory()
-        event_idx = bool(want >> Net.RING_EVENT_IDX & 1)
-        self.rings, self.kicks, self.calls = [], [], []
+        self.rings, self.kicks, self.calls, self.errs = [], [], [], []
         for i in range(2 * self.queue_pairs):
-            ring = DriverRing(self.mem, self._ring_gpas[i], self.queue_size, self._buf_gpas[i],
-                              BUF_SIZE, event_idx=event_idx)
-            self.rings.append(ring)
-            kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self.kicks.append(kick)
-            self.calls.append(call)
+            self.rings.append(self._new_ring(i))
+            for fds in (self.kicks, self.calls, self.errs):
+                fds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
             self.start_ring(i)
         if driver_ok and self.protocol_features >> Proto.STATUS & 1:
             self.request(Request.SET_STATUS, p.u64(
@@ -211,9 +207,14 @@ class Frontend:
             regions = self.regions()
             self.request(Request.SET_MEM_TABLE, p.mem_table(regions), [self.memfd] * len(regions))
 
+    def _new_ring(self, i: int) -> DriverRing:
+        return DriverRing(self.mem, self._ring_gpas[i], self.queue_size, self._buf_gpas[i],
+                          BUF_SIZE, event_idx=bool(self.features >> Net.RING_EVENT_IDX & 1))
+
     def start_ring(self, i: int, base: int = 0) -> None:
         ring = self.rings[i]
         self.request(Request.SET_VRING_CALL, p.u64(i), [self.calls[i]])
+        self.request(Request.SET_VRING_ERR, p.u64(i), [self.errs[i]])
         self.request(Request.SET_VRING_NUM, p.vring_state(i, self.queue_size))
         self.request(Request.SET_VRING_BASE, p.vring_state(i, base))
         self.request(Request.SET_VRING_ADDR, p.vring_addr(
@@ -221,6 +222,23 @@ class Frontend:
         self.request(Request.SET_VRING_KICK, p.u64(i), [self.kicks[i]])
         if self.features >> Net.PROTOCOL_FEATURES & 1:
             self.request(Request.SET_VRING_ENABLE, p.vring_state(i, 1))
+
+    def wait_error(self, i: int, timeout: float | None = None) -> bool:
+        """Wait for the back-end to signal ring i's error eventfd (as QEMU
+        does, to log "vhost vring error"); True if it did."""
+        ready, _, _ = select.select([self.errs[i]], [], [], self.timeout if timeout is None
+                                    else timeout)
+        return bool(ready) and os.eventfd_read(self.errs[i]) > 0
+
+    def reset(self) -> None:
+        """What QEMU does when the guest resets the device: stop every ring
+        (GET_VRING_BASE), then set each up again from zeroed ring memory."""
+        for i in range(len(self.rings)):
+            self.get_vring_base(i)
+        for i, old in enumerate(self.rings):
+            old.release()
+            self.rings[i] = self._new_ring(i)
+            self.start_ring(i)
 
     def get_vring_base(self, i: int) -> int:
         _, num = p.VRING_STATE.unpack(
@@ -320,9 +338,9 @@ class Frontend:
             self._listener = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-        for fd in self.kicks + self.calls:
+        for fd in self.kicks + self.calls + self.errs:
             os.close(fd)
-        self.kicks, self.calls = [], []
+        self.kicks, self.calls, self.errs = [], [], []
 
     def release(self) -> None:
         """Close everything, guest memory included."""

@@ -65,8 +65,11 @@ class VhostDevice:
         self._no_notify: set[int] = set()  # ring indexes the application polls
         self._ever_negotiated = False
         self._rarp: list[bytes] = []
-        # Set by the transport: closes the connection from any thread.
-        self.on_fatal: Callable[[str], None] = lambda reason: None
+        # Queue pairs a guest broke, with the ring key they broke under: they
+        # stay stopped until the front-end sets a ring up anew (a device reset).
+        self._broken_at: dict[int, tuple] = {}
+        # Set by the transport: runs apply() on its thread, from a worker's.
+        self.on_broken: Callable[[], None] = lambda: None
         self._lock = threading.Lock()
 
     # -- public API (the seed's per-device calls) -------------------------------------
@@ -117,6 +120,7 @@ class VhostDevice:
             raise RuntimeError(f"{self.name} already has a front-end")
         self.conn = conn
         self.broken_reason = None
+        self._broken_at.clear()
 
     def detach(self, conn: VhostConnection) -> None:
         conn.close()
@@ -134,6 +138,15 @@ class VhostDevice:
         if conn.features_set:
             self.negotiated_features = conn.acked_features
             self._ever_negotiated = True
+        keys = [(conn.rings[2 * qp].version, conn.rings[2 * qp + 1].version,
+                 conn.memory.version, conn.acked_features) for qp in range(self.queue_pairs)]
+        with self._lock:
+            for qp, key in list(self._broken_at.items()):
+                if not conn.closed and keys[qp] != key:  # the front-end set the ring up anew
+                    del self._broken_at[qp]
+            if self.broken_reason is not None and self._broken_at == {} and not conn.closed:
+                log.warning("%s: the front-end reset its rings: running again", self.name)
+                self.broken_reason = None
         for qp in range(self.queue_pairs):
             rx, tx = conn.rings[2 * qp], conn.rings[2 * qp + 1]
             want = (
@@ -142,7 +155,7 @@ class VhostDevice:
                 and conn.ring_runs(rx)
                 and conn.ring_runs(tx)
             )
-            key = (rx.version, tx.version, conn.memory.version, conn.acked_features)
+            key = keys[qp]
             if qp in self.workers and (not want or self.workers[qp][1] != key):
                 self._stop_worker(conn, qp)
             if want and qp not in self.workers:
@@ -228,6 +241,8 @@ class VhostDevice:
             # Ring addresses come from the guest's driver: refusing them is a
             # guest lie like a bad descriptor, so the operator sees it the same way.
             self._mark_broken(qp, str(e))
+            with self._lock:
+                self._broken_at[qp] = key
             raise
         w = QueuePairWorker(
             f"{self.name}/q{qp}",
@@ -263,17 +278,26 @@ class VhostDevice:
         log.error("%s: broken: %s", self.name, self.broken_reason)
 
     def _broken(self, qp: int, reason: str) -> None:
-        """A worker found the guest lying. Runs on the worker's thread."""
+        """A worker found the guest lying. Runs on the worker's thread.
+
+        Like the kernel's vhost-net: the queue stops, the front-end hears of it
+        through the rings' error eventfds (QEMU logs "vhost vring error"), and
+        the connection stays: the guest's next device reset sets the rings up
+        anew and apply() starts them again. Closing the connection instead
+        would leave a QEMU that does not reconnect without a network until it
+        restarts."""
         self._mark_broken(qp, reason)
         conn = self.conn
         if conn is not None:
+            with self._lock:
+                self._broken_at[qp] = self.workers[qp][1] if qp in self.workers else ()
             for ring in (conn.rings[2 * qp], conn.rings[2 * qp + 1]):
                 if ring.err is not None:
                     try:
                         os.eventfd_write(ring.err, 1)
                     except OSError:
                         pass
-        self.on_fatal(self.broken_reason)
+        self.on_broken()
 
 
 def _add_worker_stats(counters: dict, drops: dict, w: QueuePairWorker) -> None:

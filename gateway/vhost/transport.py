@@ -5,7 +5,7 @@ Client mode: QEMU listens (`server=on`) and we connect, and connect again with
 backoff whenever it goes away, so a VM outlives a restart of either side.
 Either way a device serves one front-end at a time and a front-end that comes
 back gets the same device. Everything runs on one asyncio loop; the data path
-runs in worker threads and reaches this loop only through `device.on_fatal`.
+runs in worker threads and reaches this loop only through `device.on_broken`.
 """
 
 from __future__ import annotations
@@ -221,13 +221,16 @@ class VhostService:
         loop = asyncio.get_running_loop()
         ep.sock, ep.conn = sock, conn
         ep.connections += 1
-        ep.device.on_fatal = lambda reason: loop.call_soon_threadsafe(
-            self._disconnect, ep, reason, conn
-        )
+        ep.device.on_broken = lambda: loop.call_soon_threadsafe(self._stop_broken, ep, conn)
         loop.add_reader(sock, self._readable, ep)
         ep.connected.set()
         log.info("%s: front-end connected (%s mode, %s)", ep.device.name, ep.mode, ep.path)
         return True
+
+    def _stop_broken(self, ep: Endpoint, conn: VhostConnection) -> None:
+        """A worker stopped on a guest's lie: join it here, where rings change."""
+        if ep.conn is conn and not conn.closed:
+            ep.device.apply(conn)
 
     def _readable(self, ep: Endpoint) -> None:
         sock, conn = ep.sock, ep.conn
