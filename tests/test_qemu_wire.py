@@ -64,3 +64,42 @@ def test_linux_guest_pings_and_downloads_over_tcp(tmp_path):
             nic.close()
             server.kill()
             server.wait()
+
+
+RESET_SCENARIO = """
+ping -c 2 -W 2 {far} >/dev/null && echo "GW-GUEST: ping ok"
+rmmod virtio_net && insmod /lib/modules/virtio_net.ko && echo "GW-GUEST: driver reloaded"
+{net_up}
+ping -c 3 -W 2 {far} >/dev/null && echo "GW-GUEST: ping ok again"
+"""
+
+
+def test_guest_driver_reload_resets_the_device_and_traffic_resumes(tmp_path):
+    """Reloading virtio_net resets the device: QEMU stops every ring
+    (GET_VRING_BASE) and sets them up anew on the same connection. The
+    gateway must follow: the same session carries the guest's pings again."""
+    with topology() as topo:
+        ip = f"10.{topo.peer_ip.split('.')[1]}.0.2"
+        nic = Nic(topo.nic)
+        service = VhostService().start()
+        port = XdpPort(nic, "vm0", GUEST_MAC)
+        try:
+            dev = Registry().create("vm0", port, max_mtu=port.max_mtu)
+            path = str(tmp_path / "vm0.sock")
+            service.listen(dev, path)
+            image = ensure_guest()
+            script = net_up(ip) + RESET_SCENARIO.format(far=topo.peer_ip, net_up=net_up(ip))
+            initrd = make_initrd(image, script, tmp_path / "initrd")
+            with qemu.QemuGuest(image.kernel, initrd,
+                                nics=[qemu.VhostUserNic(socket=path, mac=GUEST_MAC)],
+                                log_path=tmp_path / "console.log") as vm:
+                vm.wait_for(r"GW-GUEST: ping ok", 120)
+                vm.wait_for(r"GW-GUEST: driver reloaded", 60)
+                vm.wait_for(r"GW-GUEST: ping ok again", 60)
+                vm.wait_for(r"GW-GUEST: scenario exit 0", 30)
+            assert service.endpoints["vm0"].connections == 1  # one session throughout
+            assert dev.state in ("running", "waiting") and dev.broken_reason is None
+        finally:
+            service.stop()
+            port.close()
+            nic.close()
