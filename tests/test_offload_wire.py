@@ -276,3 +276,15 @@ def test_local_guest_gets_segments_and_complete_checksums(tmp_path):
     last = got[nsegs]
     assert last[:34 + 16] == partial[:34 + 16] and last[34 + 18:] == partial[34 + 18:]
     assert l4_ok(last[26:30], last[30:34], 6, last[34:])
+
+
+def test_ports_that_pass_frames_verbatim_offer_no_offloads():
+    from gateway.datapath.port import MemoryPort
+    from gateway.virtio import features as vf
+
+    dev = Registry().create("mem0", MemoryPort())
+    assert dev.features & vf.OFFLOADS == 0
+    assert dev.features & vf.mask(Net.MRG_RXBUF, Net.VERSION_1) == vf.mask(Net.MRG_RXBUF,
+                                                                          Net.VERSION_1)
+    with pytest.raises(ValueError, match="unsupported"):
+        dev.feature_enable(1 << Net.CSUM)

@@ -114,6 +114,8 @@ class XdpQueue:
 class XdpPort:
     """Create with everything checked first; `close()` undoes it all."""
 
+    offloads = True  # the C bursts complete checksums and segment GSO frames
+
     def __init__(self, nic: Nic, name: str, mac: str, *, queue_pairs: int = 1,
                  mtu: int = 1500, allow_spoofing: bool = False) -> None:
         if not is_unicast(mac):

@@ -54,7 +54,7 @@ class VhostDevice:
         self.name = name
         self.port = port
         self.queue_pairs = queue_pairs
-        self.features = features
+        self.features = features if _offloads(port) else features & ~vf.OFFLOADS
         self.protocol_features = protocol_features
         self.max_mtu = max_mtu
         self.registry = registry
@@ -99,8 +99,10 @@ class VhostDevice:
         """Offer more features; only supported bits, and only before any front-end
         negotiated, so a reconnecting front-end sees the same offer."""
         self._check_feature_change()
-        if mask & ~vf.SUPPORTED_FEATURES:
-            raise ValueError(f"unsupported features: {vf.names(mask & ~vf.SUPPORTED_FEATURES)}")
+        supported = vf.SUPPORTED_FEATURES if _offloads(self.port) else \
+            vf.SUPPORTED_FEATURES & ~vf.OFFLOADS
+        if mask & ~supported:
+            raise ValueError(f"unsupported features: {vf.names(mask & ~supported)}")
         self.features |= mask
 
     def feature_disable(self, mask: int) -> None:
@@ -287,6 +289,11 @@ class VhostDevice:
                     except OSError:
                         pass
         self.on_fatal(self.broken_reason)
+
+
+def _offloads(port: Port) -> bool:
+    """Does the port complete checksums and segment GSO frames (gw_xskq.c)?"""
+    return bool(getattr(port, "offloads", False))
 
 
 def _add_worker_stats(counters: dict, drops: dict, w: QueuePairWorker, offload: dict) -> None:

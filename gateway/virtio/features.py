@@ -97,6 +97,12 @@ SUPPORTED_FEATURES = mask(
     Net.VERSION_1,
 )
 
+# Offered only on ports that finish the guest's offloads (XdpPort, whose C
+# bursts do); a port that passes frames on as the guest wrote them must not
+# let it hand over partial checksums or 64 KiB frames.
+OFFLOADS = mask(Net.CSUM, Net.GUEST_CSUM, Net.HOST_TSO4, Net.HOST_TSO6, Net.GUEST_TSO4,
+                Net.GUEST_TSO6)
+
 SUPPORTED_PROTOCOL_FEATURES = mask(
     Proto.MQ,
     Proto.RARP,
