@@ -258,16 +258,22 @@ int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
     uint16_t last = vq->last_avail, used = vq->used_idx;
     unsigned got = 0;
     uint64_t bytes = 0, too_big = 0, short_ = 0;
+    int big_used = 0;
 
-    /* Dropped chains use no output slot, so stop on either limit. */
-    for (int taken = 0; taken < avail && got < n; taken++) {
+    vq->big_slot = -1;
+    /* Dropped chains use no output slot, so stop on either limit; after a
+       frame in big, stop too: big holds one per burst. */
+    for (int taken = 0; taken < avail && got < n && !big_used; taken++) {
         uint16_t head = avail_head(vq, last);
         struct chain c;
         struct desc d;
-        uint64_t skip = vq->hdr_len, flen = 0;
+        uint64_t skip = vq->hdr_len, flen = 0, room = cap;
         uint8_t *dst = base + offs[got];
+        uint8_t *hdr = vq->hdrs ? vq->hdrs + 12 * (size_t)got : NULL;
         int r;
 
+        if (hdr)
+            memset(hdr, 0, 12);
         if (chain_start(&c, vq, head) < 0)
             return -1;
         /* Walk the whole chain even past cap, so every chain we hand back
@@ -278,12 +284,22 @@ int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
                 return fail(vq, GW_E_DIRECTION, d.flags);
             if (skip) {
                 uint64_t s = min64(skip, l);
+                if (hdr)
+                    copy_from_guest(vq->mem, hdr + (vq->hdr_len - skip), a, s);
                 a += s;
                 l -= s;
                 skip -= s;
             }
-            if (l && flen < cap)
-                copy_from_guest(vq->mem, dst + flen, a, min64(l, cap - flen));
+            /* A GSO frame (gso_type, hdr[1], set: the header came first)
+               outgrowing cap moves to big, if this burst has not used it. */
+            if (hdr && hdr[1] && vq->big && dst != vq->big && flen + l > cap
+                && flen + l <= vq->big_cap) {
+                memcpy(vq->big, dst, flen);
+                dst = vq->big;
+                room = vq->big_cap;
+            }
+            if (l && flen < room)
+                copy_from_guest(vq->mem, dst + flen, a, min64(l, room - flen));
             flen += l;
         }
         if (r < 0)
@@ -291,11 +307,15 @@ int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
 
         used_put(vq, used++, head, 0);          /* TX used len: nothing written */
         last++;
-        if (flen > cap) {
+        if (flen > room) {
             too_big++;
         } else if (flen == 0) {
             short_++;
         } else {
+            if (dst == vq->big) {
+                vq->big_slot = (int32_t)got;
+                big_used = 1;
+            }
             lens[got++] = (uint32_t)flen;
             bytes += flen;
         }
@@ -320,6 +340,7 @@ struct rx_writer {
     const uint8_t *frame;
     uint64_t hdr_len, total, pos;   /* pos: bytes of header ++ frame written */
     uint8_t *nb[2];                 /* host addresses of num_buffers bytes */
+    uint8_t flags;                  /* the header's flags byte */
 };
 
 static uint64_t rx_put(struct rx_writer *w, uint64_t gpa, uint64_t len)
@@ -333,6 +354,8 @@ static uint64_t rx_put(struct rx_writer *w, uint64_t gpa, uint64_t len)
         if (w->pos < w->hdr_len) {
             hk = min64(k, w->hdr_len - w->pos);
             memset(h, 0, hk);
+            if (w->pos == 0)
+                h[0] = w->flags;
             for (int b = 0; b < 2; b++)
                 if (10 + (uint64_t)b >= w->pos && 10 + (uint64_t)b < w->pos + hk)
                     w->nb[b] = h + (10 + b - w->pos);
@@ -362,7 +385,8 @@ int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
 
     for (i = 0; i < n; i++) {
         struct rx_writer w = { vq->mem, base + offs[i], vq->hdr_len,
-                               (uint64_t)vq->hdr_len + lens[i], 0, { NULL, NULL } };
+                               (uint64_t)vq->hdr_len + lens[i], 0, { NULL, NULL },
+                               vq->rx_flags ? vq->rx_flags[i] : 0 };
         uint16_t last0 = last, used0 = used;
         int taken0 = taken, nbufs = 0, fits = 1;
 

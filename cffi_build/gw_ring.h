@@ -62,6 +62,23 @@ struct gw_vq {
     uint64_t bytes;             /* frame bytes moved, virtio-net header excluded */
     uint64_t drop_too_big;      /* TX: frame > cap; RX: frame > guest buffers */
     uint64_t drop_short;        /* TX: chain holds no more than the header */
+
+    /* Offloads (gw_offload.h, used by gw_xskq.c). offload is set by Python
+       when the guest negotiated CSUM or HOST_TSO*, guest_csum with GUEST_CSUM,
+       big/big_cap to a buffer of the worker's; the rest is per burst. */
+    uint8_t offload;
+    uint8_t guest_csum;
+    uint8_t *big;               /* TX: one GSO frame over cap per burst may land here */
+    uint32_t big_cap;
+    int32_t big_slot;           /* out: the frame of the last TX burst in big, -1 none */
+    uint8_t *hdrs;              /* TX: frame i's virtio-net header -> hdrs + 12 * i, or NULL */
+    const uint8_t *rx_flags;    /* RX: frame i's header flags byte, or NULL (all 0) */
+    uint64_t tx_csum;           /* checksums completed */
+    uint64_t tx_gso;            /* GSO frames segmented ... */
+    uint64_t tx_gso_segs;       /* ... into this many frames */
+    uint64_t drop_bad_csum;     /* csum_start/offset outside the frame */
+    uint64_t drop_bad_gso;      /* GSO header refused (type, size, headers) */
+    uint64_t rx_csum_valid;     /* RX frames given DATA_VALID */
 };
 
 /* Guest TX -> caller buffers. Pops up to n chains; frame i (header stripped)

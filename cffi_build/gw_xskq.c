@@ -9,6 +9,7 @@
 
 #include "gw_ring.h"
 #include "gw_xskq.h"
+#include "gw_offload.h"
 
 /* From gw_xsk.c (their contract is in gw_xsk.h, below GW_XSK_C_PART). */
 int gw_xsk_kick(int fd);
@@ -97,6 +98,20 @@ static void transmit(struct xsk_ring_prod *tx, int fd, const __u64 *addrs,
     }
 }
 
+/* transmit() when the TX ring has room for all n, else the frames go back
+   to the pool (counted): a GSO frame's segments may have used the room the
+   burst was sized for. */
+static void transmit_or_free(struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
+                             const __u64 *addrs, const uint32_t *lens, unsigned n)
+{
+    if (n && xsk_prod_nb_free(tx, n) < n) {
+        u->tx_ring_full++;
+        give_frames(u, addrs, n);
+        return;
+    }
+    transmit(tx, fd, addrs, lens, n);
+}
+
 static unsigned tx_room(struct gw_umemq *u, struct xsk_ring_prod *tx, unsigned n)
 {
     unsigned room = xsk_prod_nb_free(tx, n);
@@ -156,11 +171,56 @@ static int keep_local(struct gw_local *l, const uint8_t *f, uint32_t len)
     return mine;
 }
 
+/* A GSO frame, segmented straight into UMEM frames and sent, after the
+   frames before it (order kept). Segments for local guests are copied out
+   like any frame. Refused headers are counted; so is a lack of frames or
+   ring room, which drops the whole frame (TCP sends it again). */
+static void send_gso(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
+                     const uint8_t *f, uint32_t len, const struct gw_net_hdr *h,
+                     struct gw_local *local)
+{
+    __u64 segs[GW_GSO_MAX_SEGS], wire[GW_GSO_MAX_SEGS], spare[GW_GSO_MAX_SEGS];
+    uint32_t wire_lens[GW_GSO_MAX_SEGS];
+    struct gw_gso plan;
+    int n = gw_gso_plan(f, len, h, (uint32_t)u->frame_size, &plan);
+    unsigned k, w = 0, s = 0;
+
+    if (n < 0) {
+        vq->drop_bad_gso++;
+        return;
+    }
+    if (xsk_prod_nb_free(tx, (__u32)n) < (__u32)n) {
+        u->tx_ring_full++;
+        return;
+    }
+    k = take_frames(u, segs, (unsigned)n);
+    if (k < (unsigned)n) {
+        u->tx_no_frame++;
+        give_frames(u, segs, k);
+        return;
+    }
+    for (unsigned i = 0; i < k; i++) {
+        uint8_t *out = u->area + segs[i];
+        uint32_t l = gw_gso_segment(f, &plan, i, out);
+        if (keep_local(local, out, l)) {
+            spare[s++] = segs[i];
+        } else {
+            wire[w] = segs[i];
+            wire_lens[w++] = l;
+        }
+    }
+    transmit_or_free(u, tx, fd, wire, wire_lens, w);
+    give_frames(u, spare, s);
+    vq->tx_gso++;
+    vq->tx_gso_segs += k;
+}
+
 int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
                       unsigned n, struct gw_local *local)
 {
     __u64 addrs[MAX_BURST], wire[MAX_BURST], spare[MAX_BURST];
     uint32_t lens[MAX_BURST], wire_lens[MAX_BURST];
+    uint8_t hdrs[MAX_BURST * 12];
     unsigned k, w = 0, s = 0;
     int got;
 
@@ -174,17 +234,42 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
         u->tx_no_frame++;
     if (!k)
         return 0;
+    vq->hdrs = vq->offload ? hdrs : NULL;
     got = gw_vq_tx_burst(vq, u->area, (const uint64_t *)addrs, (uint32_t)u->frame_size, lens, k);
+    vq->hdrs = NULL;
     for (unsigned i = 0; i < k; i++) {
-        const uint8_t *f = u->area + addrs[i];
-        if ((int)i < got && allowed(local, f, lens[i]) && !keep_local(local, f, lens[i])) {
+        uint8_t *f = (int)i == vq->big_slot ? vq->big : u->area + addrs[i];
+        struct gw_net_hdr h = { 0 };
+
+        if ((int)i >= got || !allowed(local, f, lens[i])) {
+            spare[s++] = addrs[i];
+            continue;
+        }
+        if (vq->offload)
+            gw_net_hdr_decode(hdrs + 12 * (size_t)i, &h);
+        if (h.gso_type != GW_NET_HDR_GSO_NONE) {
+            transmit_or_free(u, tx, fd, wire, wire_lens, w);
+            w = 0;
+            send_gso(vq, u, tx, fd, f, lens[i], &h, local);
+            spare[s++] = addrs[i];
+            continue;
+        }
+        if (h.flags & GW_NET_HDR_F_NEEDS_CSUM) {
+            if (gw_csum_complete(f, lens[i], h.csum_start, h.csum_offset) < 0) {
+                vq->drop_bad_csum++;
+                spare[s++] = addrs[i];
+                continue;
+            }
+            vq->tx_csum++;
+        }
+        if (!keep_local(local, f, lens[i])) {
             wire[w] = addrs[i];
             wire_lens[w++] = lens[i];
         } else {
             spare[s++] = addrs[i];
         }
     }
-    transmit(tx, fd, wire, wire_lens, w);
+    transmit_or_free(u, tx, fd, wire, wire_lens, w);
     give_frames(u, spare, s);
     return got;
 }
@@ -193,6 +278,7 @@ int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *
 {
     __u64 offs[MAX_BURST];
     uint32_t lens[MAX_BURST], idx, k;
+    uint8_t flags[MAX_BURST];
     int got;
 
     if (vq->error)
@@ -208,8 +294,15 @@ int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *
                      && d->addr < (__u64)u->nframes * u->frame_size;
         offs[i] = inside ? d->addr : 0;
         lens[i] = inside ? d->len : 0;
+        /* The guest may skip checking what we verified (GUEST_CSUM). */
+        flags[i] = vq->guest_csum && gw_csum_verify(u->area + offs[i], lens[i])
+                   ? GW_NET_HDR_F_DATA_VALID : 0;
     }
+    vq->rx_flags = flags;
     got = gw_vq_rx_burst(vq, u->area, (const uint64_t *)offs, lens, k);
+    vq->rx_flags = NULL;
+    for (int i = 0; i < got; i++)
+        vq->rx_csum_valid += flags[i] != 0;
     if (got < 0) {
         xsk_ring_cons__cancel(rx, k);
         return -1;

@@ -267,6 +267,7 @@ class Gateway:
             out[n] = {k: s[k] for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
                                         "broken_total")}
             out[n]["drops"] = drops
+            out[n]["offload"] = s["offload"]
         return {"devices": out}
 
     # -- persistence and shutdown --------------------------------------------------

@@ -189,8 +189,10 @@ def stats(run_dir: str, name: str | None, as_json: bool, watch: bool, interval: 
         return
     for dev, c in s["devices"].items():
         drops = " ".join(f"{k}={v}" for k, v in c["drops"].items() if v) or "none"
+        offload = " ".join(f"{k}={v}" for k, v in c["offload"].items() if v)
         click.echo(f"{dev}: rx {c['rx_packets']} pkts {c['rx_bytes']} B  "
-                   f"tx {c['tx_packets']} pkts {c['tx_bytes']} B  drops: {drops}")
+                   f"tx {c['tx_packets']} pkts {c['tx_bytes']} B  drops: {drops}"
+                   + (f"  offload: {offload}" if offload else ""))
 
 
 @main.command()

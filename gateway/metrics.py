@@ -25,6 +25,9 @@ class GatewayCollector:
         }
         drops = CounterMetricFamily("gateway_drops", "frames dropped, by reason",
                                     labels=["device", "reason"])
+        offload = CounterMetricFamily("gateway_offload",
+                                      "checksums completed, GSO frames and their segments, "
+                                      "received checksums vouched for", labels=["device", "kind"])
         broken = CounterMetricFamily("gateway_device_broken",
                                      "times a guest's rings lied and the device was marked broken",
                                      labels=["device"])
@@ -33,9 +36,12 @@ class GatewayCollector:
                 fam.add_metric([dev], c[key])
             for reason, v in c["drops"].items():
                 drops.add_metric([dev, reason], v)
+            for kind, v in c["offload"].items():
+                offload.add_metric([dev, kind], v)
             broken.add_metric([dev], c["broken_total"])
         yield from fams.values()
         yield drops
+        yield offload
         yield broken
 
 

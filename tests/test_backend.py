@@ -355,7 +355,7 @@ def test_guest_notification_off_means_no_kicks_and_polling(gw):
 def test_registry_feature_rules():
     reg = Registry()
     with pytest.raises(ValueError, match="unsupported"):
-        reg.feature_enable(1 << Net.HOST_TSO4)
+        reg.feature_enable(1 << Net.HOST_UFO)
     reg.feature_disable(1 << Net.MRG_RXBUF)
     dev = reg.create("x", MemoryPort())
     assert not dev.features >> Net.MRG_RXBUF & 1

@@ -40,8 +40,10 @@ def test_attach_list_stats_detach(env, tmp_path):
         assert "vm0: running" in listed and "VERSION_1" in listed
         stats = json.loads(d.ok("stats", "--json"))
     c = stats["devices"]["vm0"]
-    assert set(c) == {"rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "broken_total", "drops"}
-    assert all(isinstance(v, int) for k, v in c.items() if k != "drops")
+    assert set(c) == {"rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "broken_total", "drops",
+                      "offload"}
+    assert all(isinstance(v, int) for k, v in c.items() if k not in ("drops", "offload"))
+    assert c["offload"] == {"tx_csum": 0, "tx_gso": 0, "tx_gso_segs": 0, "rx_csum_valid": 0}
     assert all(isinstance(v, int) for v in c["drops"].values())
     assert c["tx_packets"] == 10 and c["tx_bytes"] == 10 * 64
     # the metrics endpoint says the same

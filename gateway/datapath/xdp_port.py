@@ -49,13 +49,14 @@ class XdpQueue:
         self._raw: FrameBuffer | None = None
         self._attention = ffi.new("uint32_t *")
         self._pump = None
-        # where the burst copies frames for other guests on the NIC
-        self._local_buf = FrameBuffer(BURST, FRAME_SIZE)
+        # where the burst copies frames for other guests on the NIC: a burst's
+        # worth plus the segments of a GSO frame (pages untouched until used)
+        self._local_buf = FrameBuffer(BURST + lib.GW_GSO_MAX_SEGS, FRAME_SIZE)
         loc = self._local = ffi.new("struct gw_local *")
         loc.macs, loc.nmacs = port.nic.macs, port.nic.nmacs
         loc.base, loc.offs, loc.lens = (self._local_buf.base, self._local_buf.offs,
                                         self._local_buf.lens)
-        loc.cap = BURST
+        loc.cap = self._local_buf.nframes
         loc.own_mac, loc.check_src = mac_key(port.mac), not port.allow_spoofing
 
     def pump(self, txq: VirtQueue, rxq: VirtQueue) -> bool:
@@ -112,6 +113,8 @@ class XdpQueue:
 
 class XdpPort:
     """Create with everything checked first; `close()` undoes it all."""
+
+    offloads = True  # the C bursts complete checksums and segment GSO frames
 
     def __init__(self, nic: Nic, name: str, mac: str, *, queue_pairs: int = 1,
                  mtu: int = 1500, allow_spoofing: bool = False) -> None:

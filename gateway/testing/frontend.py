@@ -251,13 +251,17 @@ class Frontend:
     def hdr_len(self) -> int:
         return vf.net_hdr_len(self.features)
 
-    def transmit(self, frames: list[bytes], qp: int = 0, split_header: bool = False) -> None:
+    def transmit(self, frames: list[bytes], qp: int = 0, split_header: bool = False,
+                 vnet_hdr: bytes | None = None) -> None:
         """Frames out of the guest: header and frame in separate descriptors
-        (or the header itself split in two, to exercise ANY_LAYOUT)."""
+        (or the header itself split in two, to exercise ANY_LAYOUT). vnet_hdr
+        replaces the zeroed virtio-net header (offload tests); a frame longer
+        than a buffer (a GSO frame) takes several descriptors."""
         ring = self.rings[2 * qp + 1]
-        hdr = bytes(self.hdr_len)
+        hdr = bytes(self.hdr_len) if vnet_hdr is None else vnet_hdr[: self.hdr_len]
         for f in frames:
-            chunks = [hdr[:4], hdr[4:], f] if split_header else [hdr, f]
+            body = [f[i : i + BUF_SIZE] for i in range(0, len(f), BUF_SIZE)] or [f]
+            chunks = [hdr[:4], hdr[4:], *body] if split_header else [hdr, *body]
             ring.add_out(chunks)
         if ring.kick_needed():
             os.eventfd_write(self.kicks[2 * qp + 1], 1)
@@ -273,8 +277,9 @@ class Frontend:
         if ring.kick_needed():
             os.eventfd_write(self.kicks[2 * qp], 1)
 
-    def receive(self, count: int, qp: int = 0) -> list[bytes]:
-        """`count` frames from the back-end, headers stripped, buffers merged."""
+    def receive(self, count: int, qp: int = 0, headers: bool = False) -> list:
+        """`count` frames from the back-end, headers stripped, buffers merged;
+        with headers, (virtio-net header, frame) pairs."""
         ring = self.rings[2 * qp]
         used = self._reap(2 * qp, None, frames=count)
         frames, i = [], 0
@@ -286,7 +291,8 @@ class Frontend:
                 (nbuf,) = struct.unpack_from("<H", data, 10)
                 for head2, len2 in used[i + 1 : i + nbuf]:
                     data += ring.read_in(head2, len2)
-            frames.append(data[self.hdr_len :])
+            frames.append((data[: self.hdr_len], data[self.hdr_len :]) if headers
+                          else data[self.hdr_len :])
             i += nbuf
         return frames
 

@@ -75,6 +75,8 @@ class VhostUserNic:
     mac: str | None = None
     queues: int = 1
     server: bool = False
+    # extra virtio-net-pci properties, e.g. "csum=off,gso=off" or "mrg_rxbuf=off"
+    device_opts: str = ""
 
 
 class QemuGuest:
@@ -143,6 +145,8 @@ class QemuGuest:
             dev = f"virtio-net-pci,netdev=n{i},mac={mac},vectors=0"
             if nic.queues > 1:
                 dev += ",mq=on"
+            if nic.device_opts:
+                dev += "," + nic.device_opts
             cmd += [
                 "-chardev", chardev,
                 "-netdev", f"vhost-user,id=n{i},chardev=c{i},queues={nic.queues}",

@@ -31,6 +31,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Any of these makes the guest hand us partial checksums or GSO frames.
+OFFLOAD_TX = vf.mask(Net.CSUM, Net.HOST_TSO4, Net.HOST_TSO6)
+# Frames whose checksum we completed, GSO frames segmented, the segments they
+# became, and received frames the guest was told need no checksum check.
+OFFLOAD_COUNTERS = ("tx_csum", "tx_gso", "tx_gso_segs", "rx_csum_valid")
+
 class VhostDevice:
     def __init__(
         self,
@@ -48,7 +54,7 @@ class VhostDevice:
         self.name = name
         self.port = port
         self.queue_pairs = queue_pairs
-        self.features = features
+        self.features = features if _offloads(port) else features & ~vf.OFFLOADS
         self.protocol_features = protocol_features
         self.max_mtu = max_mtu
         self.registry = registry
@@ -61,7 +67,9 @@ class VhostDevice:
         self.broken_total = 0
         self.negotiated_features = 0
         self.counters = {"rx_packets": 0, "rx_bytes": 0, "tx_packets": 0, "tx_bytes": 0}
-        self.drops = {"tx_too_big": 0, "tx_short": 0, "rx_too_big": 0}
+        self.drops = {"tx_too_big": 0, "tx_short": 0, "rx_too_big": 0, "tx_bad_csum": 0,
+                      "tx_bad_gso": 0}
+        self.offload = dict.fromkeys(OFFLOAD_COUNTERS, 0)
         self._no_notify: set[int] = set()  # ring indexes the application polls
         self._ever_negotiated = False
         self._rarp: list[bytes] = []
@@ -94,8 +102,10 @@ class VhostDevice:
         """Offer more features; only supported bits, and only before any front-end
         negotiated, so a reconnecting front-end sees the same offer."""
         self._check_feature_change()
-        if mask & ~vf.SUPPORTED_FEATURES:
-            raise ValueError(f"unsupported features: {vf.names(mask & ~vf.SUPPORTED_FEATURES)}")
+        supported = vf.SUPPORTED_FEATURES if _offloads(self.port) else \
+            vf.SUPPORTED_FEATURES & ~vf.OFFLOADS
+        if mask & ~supported:
+            raise ValueError(f"unsupported features: {vf.names(mask & ~supported)}")
         self.features |= mask
 
     def feature_disable(self, mask: int) -> None:
@@ -107,9 +117,11 @@ class VhostDevice:
         with self._lock:
             out = dict(self.counters)
             drops = dict(self.drops)
+            offload = dict(self.offload)
             for w, _ in self.workers.values():
-                _add_worker_stats(out, drops, w)
+                _add_worker_stats(out, drops, w, offload)
         out["drops"] = drops
+        out["offload"] = offload
         out["broken_total"] = self.broken_total
         return out
 
@@ -231,6 +243,9 @@ class VhostDevice:
             event_idx=bool(acked >> Net.RING_EVENT_IDX & 1),
             indirect=bool(acked >> Net.RING_INDIRECT_DESC & 1),
             callfd=-1 if ring.call is None else ring.call,
+            # TX rings are the odd ones; what each offload bit asks is in gw_xskq.c
+            offload=bool(index % 2 and acked & OFFLOAD_TX),
+            guest_csum=bool(index % 2 == 0 and acked >> Net.GUEST_CSUM & 1),
         )
 
     def _start_worker(self, conn: VhostConnection, qp: int, key: tuple) -> None:
@@ -267,7 +282,7 @@ class VhostDevice:
         w.stop()
         with self._lock:
             del self.workers[qp]
-            _add_worker_stats(self.counters, self.drops, w)
+            _add_worker_stats(self.counters, self.drops, w, self.offload)
         conn.rings[2 * qp].base = w.rxq.last_avail
         conn.rings[2 * qp + 1].base = w.txq.last_avail
 
@@ -300,7 +315,12 @@ class VhostDevice:
         self.on_broken()
 
 
-def _add_worker_stats(counters: dict, drops: dict, w: QueuePairWorker) -> None:
+def _offloads(port: Port) -> bool:
+    """Does the port complete checksums and segment GSO frames (gw_xskq.c)?"""
+    return bool(getattr(port, "offloads", False))
+
+
+def _add_worker_stats(counters: dict, drops: dict, w: QueuePairWorker, offload: dict) -> None:
     rx, tx = w.rxq.stats, w.txq.stats
     counters["rx_packets"] += rx["packets"]
     counters["rx_bytes"] += rx["bytes"]
@@ -309,6 +329,11 @@ def _add_worker_stats(counters: dict, drops: dict, w: QueuePairWorker) -> None:
     drops["tx_too_big"] += tx["drop_too_big"]
     drops["tx_short"] += tx["drop_short"]
     drops["rx_too_big"] += rx["drop_too_big"]
+    drops["tx_bad_csum"] += tx["drop_bad_csum"]
+    drops["tx_bad_gso"] += tx["drop_bad_gso"]
+    for key in ("tx_csum", "tx_gso", "tx_gso_segs"):
+        offload[key] += tx[key]
+    offload["rx_csum_valid"] += rx["rx_csum_valid"]
 
 
 def rarp_frame(mac: bytes) -> bytes:

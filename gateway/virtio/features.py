@@ -75,6 +75,16 @@ def mask(*bits: IntEnum) -> int:
 # bits: QEMU and DPDK virtio-user both answer the control queue themselves and
 # never hand it to a vhost-user backend, so offering them costs us nothing.
 SUPPORTED_FEATURES = mask(
+    # Checksums and TSO from the guest are completed and segmented in C
+    # (cffi_build/gw_offload.c); received checksums are verified there before
+    # DATA_VALID is set. We never send the guest a GSO frame, which GUEST_TSO*
+    # allows: those bits only say the guest could take one.
+    Net.CSUM,
+    Net.GUEST_CSUM,
+    Net.HOST_TSO4,
+    Net.HOST_TSO6,
+    Net.GUEST_TSO4,
+    Net.GUEST_TSO6,
     Net.MTU,
     Net.MRG_RXBUF,
     Net.CTRL_VQ,
@@ -86,6 +96,12 @@ SUPPORTED_FEATURES = mask(
     Net.PROTOCOL_FEATURES,
     Net.VERSION_1,
 )
+
+# Offered only on ports that finish the guest's offloads (XdpPort, whose C
+# bursts do); a port that passes frames on as the guest wrote them must not
+# let it hand over partial checksums or 64 KiB frames.
+OFFLOADS = mask(Net.CSUM, Net.GUEST_CSUM, Net.HOST_TSO4, Net.HOST_TSO6, Net.GUEST_TSO4,
+                Net.GUEST_TSO6)
 
 SUPPORTED_PROTOCOL_FEATURES = mask(
     Proto.MQ,

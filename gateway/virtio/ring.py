@@ -32,6 +32,9 @@ DESC_ALIGN = 16
 AVAIL_ALIGN = 2
 USED_ALIGN = 4
 MAX_QUEUE_SIZE = 32768
+# The largest GSO frame a guest may send: 64 KiB of IP packet plus Ethernet
+# and a VLAN tag.
+BIG_FRAME = 65536 + 18
 
 _ERROR_NAMES = {
     lib.GW_E_OK: "GW_E_OK",
@@ -132,6 +135,8 @@ class VirtQueue:
         event_idx: bool = False,
         indirect: bool = False,
         callfd: int = -1,
+        offload: bool = False,
+        guest_csum: bool = False,
     ):
         if not valid_size(size):
             raise ValueError(f"bad queue size {size}")
@@ -148,6 +153,14 @@ class VirtQueue:
         vq.indirect = bool(indirect)
         vq.callfd = callfd
         vq.last_avail = last_avail & 0xFFFF
+        # TX with CSUM/HOST_TSO: headers are read and a GSO frame of up to
+        # 64 KiB (plus headers) waits in big while it is segmented.
+        vq.offload = bool(offload)
+        vq.guest_csum = bool(guest_csum)
+        self._big = None
+        if offload:
+            self._big = ffi.new("uint8_t[]", BIG_FRAME)
+            vq.big, vq.big_cap = self._big, BIG_FRAME
         # Resume from what the guest last saw as used (as DPDK does): after a
         # reconnect our own count is gone, the ring's is the truth.
         vq.used_idx = ffi.cast("uint16_t *", vq.used + 2)[0]
@@ -216,6 +229,12 @@ class VirtQueue:
             "bytes": vq.bytes,
             "drop_too_big": vq.drop_too_big,
             "drop_short": vq.drop_short,
+            "drop_bad_csum": vq.drop_bad_csum,
+            "drop_bad_gso": vq.drop_bad_gso,
+            "tx_csum": vq.tx_csum,
+            "tx_gso": vq.tx_gso,
+            "tx_gso_segs": vq.tx_gso_segs,
+            "rx_csum_valid": vq.rx_csum_valid,
         }
 
     @property
