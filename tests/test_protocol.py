@@ -179,7 +179,7 @@ def test_feature_negotiation(conn):
 def test_unoffered_feature_is_refused(conn):
     conn.handle(msg(Request.SET_OWNER))
     with pytest.raises(ProtocolError, match="not offered"):
-        conn.handle(msg(Request.SET_FEATURES, p.u64(1 << Net.HOST_TSO4)))
+        conn.handle(msg(Request.SET_FEATURES, p.u64(1 << Net.HOST_UFO)))
 
 
 def test_unoffered_feature_with_reply_ack_gets_a_nack_and_the_connection_lives(conn):
