@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 from gateway.datapath.port import Port
 from gateway.datapath.worker import QueuePairWorker
 from gateway.vhost.backend import Refused, VhostConnection
+from gateway.vhost.dirtylog import covers
 from gateway.vhost.memory import MemoryTableError
-from gateway.vhost.protocol import ProtocolError
+from gateway.vhost.protocol import VRING_F_LOG, ProtocolError
 from gateway.virtio import features as vf
 from gateway.virtio.features import Net
 from gateway.virtio.ring import AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN, VirtQueue, ring_sizes
@@ -61,6 +62,8 @@ class VhostDevice:
         self.broken_total = 0
         self.negotiated_features = 0
         self.counters = {"rx_packets": 0, "rx_bytes": 0, "tx_packets": 0, "tx_bytes": 0}
+        # Guest pages written while a migration logged but beyond the log (not marked).
+        self.log_miss = 0
         self.drops = {"tx_too_big": 0, "tx_short": 0, "rx_too_big": 0}
         self._no_notify: set[int] = set()  # ring indexes the application polls
         self._ever_negotiated = False
@@ -104,9 +107,12 @@ class VhostDevice:
         with self._lock:
             out = dict(self.counters)
             drops = dict(self.drops)
+            log_miss = self.log_miss
             for w, _ in self.workers.values():
                 _add_worker_stats(out, drops, w)
+                log_miss += w.rxq.stats["log_miss"] + w.txq.stats["log_miss"]
         out["drops"] = drops
+        out["log_miss"] = log_miss
         out["broken_total"] = self.broken_total
         return out
 
@@ -142,7 +148,8 @@ class VhostDevice:
                 and conn.ring_runs(rx)
                 and conn.ring_runs(tx)
             )
-            key = (rx.version, tx.version, conn.memory.version, conn.acked_features)
+            key = (rx.version, tx.version, conn.memory.version, conn.acked_features,
+                   conn.log_version)
             if qp in self.workers and (not want or self.workers[qp][1] != key):
                 self._stop_worker(conn, qp)
             if want and qp not in self.workers:
@@ -206,6 +213,17 @@ class VhostDevice:
                                         f"overlaps the {other} ring at {start:#x}+{n}")
             spans.append((what, qva, length))
         acked = conn.acked_features
+        log, log_used_gpa = None, None
+        if acked >> Net.LOG_ALL & 1 and conn.log is not None:
+            log = conn.log
+            if addr.flags & VRING_F_LOG:
+                # The spec lets log_guest_addr lie outside guest memory, but the
+                # bit of the used ring's last byte must be inside the log.
+                used_len = ring_sizes(size)[2]
+                if not covers(log.size, addr.log, used_len):
+                    raise ProtocolError(f"ring {index}: used ring logged at {addr.log:#x}+"
+                                        f"{used_len} is beyond the {log.size}-byte log")
+                log_used_gpa = addr.log
         return VirtQueue(
             mem=conn.memory.native,
             size=size,
@@ -218,6 +236,8 @@ class VhostDevice:
             event_idx=bool(acked >> Net.RING_EVENT_IDX & 1),
             indirect=bool(acked >> Net.RING_INDIRECT_DESC & 1),
             callfd=-1 if ring.call is None else ring.call,
+            log=log,
+            log_used_gpa=log_used_gpa,
         )
 
     def _start_worker(self, conn: VhostConnection, qp: int, key: tuple) -> None:
@@ -253,6 +273,7 @@ class VhostDevice:
         with self._lock:
             del self.workers[qp]
             _add_worker_stats(self.counters, self.drops, w)
+            self.log_miss += w.rxq.stats["log_miss"] + w.txq.stats["log_miss"]
         conn.rings[2 * qp].base = w.rxq.last_avail
         conn.rings[2 * qp + 1].base = w.txq.last_avail
 

@@ -132,6 +132,8 @@ class VirtQueue:
         event_idx: bool = False,
         indirect: bool = False,
         callfd: int = -1,
+        log=None,
+        log_used_gpa: int | None = None,
     ):
         if not valid_size(size):
             raise ValueError(f"bad queue size {size}")
@@ -147,6 +149,15 @@ class VirtQueue:
         vq.event_idx = bool(event_idx)
         vq.indirect = bool(indirect)
         vq.callfd = callfd
+        # Dirty logging (live migration): `log` is a DirtyLog kept alive here,
+        # used-ring writes are logged only when the ring asked (VRING_F_LOG).
+        self._log = log
+        if log is not None:
+            vq.log = log.ptr
+            vq.log_size = log.size
+            if log_used_gpa is not None:
+                vq.log_used = 1
+                vq.log_used_gpa = log_used_gpa
         vq.last_avail = last_avail & 0xFFFF
         # Resume from what the guest last saw as used (as DPDK does): after a
         # reconnect our own count is gone, the ring's is the truth.
@@ -216,6 +227,7 @@ class VirtQueue:
             "bytes": vq.bytes,
             "drop_too_big": vq.drop_too_big,
             "drop_short": vq.drop_short,
+            "log_miss": vq.log_miss,
         }
 
     @property
