@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "gw_ring.h"
+#include "gw_log.h"
 
 #define DESC_F_NEXT 1
 #define DESC_F_WRITE 2
@@ -69,6 +70,7 @@ static inline uint64_t min64(uint64_t a, uint64_t b) { return a < b ? a : b; }
 /* Record the first error only: it is the one that explains the breakage. */
 static int fail(struct gw_vq *vq, uint32_t code, uint64_t detail)
 {
+    log_sync(vq);           /* what this burst already wrote stays logged */
     if (!vq->error) {
         vq->error = code;
         vq->err_detail = detail;
@@ -224,6 +226,7 @@ static uint16_t avail_head(struct gw_vq *vq, uint16_t pos)
 static void used_put(struct gw_vq *vq, uint16_t pos, uint16_t id, uint32_t len)
 {
     uint8_t *e = vq->used + USED_ELEM(pos & (vq->size - 1));
+    log_used(vq, USED_ELEM(pos & (vq->size - 1)), 8);
     st32(e, id);
     st32(e + 4, len);
 }
@@ -232,6 +235,9 @@ static void used_put(struct gw_vq *vq, uint16_t pos, uint16_t id, uint32_t len)
    its buffers) before it sees the new index. */
 static void used_publish(struct gw_vq *vq, uint16_t used_idx)
 {
+    if (used_idx != vq->used_idx)
+        log_used(vq, USED_IDX, 2);
+    log_sync(vq);           /* the log is complete before the guest sees the index */
     if (used_idx != vq->used_idx)
         __atomic_store_n((uint16_t *)(vq->used + USED_IDX), used_idx, __ATOMIC_RELEASE);
     vq->used_idx = used_idx;
@@ -336,6 +342,7 @@ int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
    remembers where num_buffers landed (it can only be filled in at the end,
    and a tiny first descriptor may even split it). */
 struct rx_writer {
+    struct gw_vq *vq;
     const struct gw_mem *mem;
     const uint8_t *frame;
     uint64_t hdr_len, total, pos;   /* pos: bytes of header ++ frame written */
@@ -347,6 +354,7 @@ static uint64_t rx_put(struct rx_writer *w, uint64_t gpa, uint64_t len)
 {
     uint64_t n = min64(len, w->total - w->pos), done = n;
 
+    log_guest(w->vq, gpa, n);
     while (n) {
         uint64_t room;
         uint8_t *h = xlate(w->mem, gpa, &room);
@@ -384,7 +392,7 @@ int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
     uint64_t packets = 0, bytes = 0, too_big = 0;
 
     for (i = 0; i < n; i++) {
-        struct rx_writer w = { vq->mem, base + offs[i], vq->hdr_len,
+        struct rx_writer w = { vq, vq->mem, base + offs[i], vq->hdr_len,
                                (uint64_t)vq->hdr_len + lens[i], 0, { NULL, NULL },
                                vq->rx_flags ? vq->rx_flags[i] : 0 };
         uint16_t last0 = last, used0 = used;
@@ -489,14 +497,29 @@ int gw_vq_set_notify(struct gw_vq *vq, int enable)
         return -1;
     if (vq->event_idx) {
         /* Kick us as soon as anything past what we have taken is added. */
-        if (enable)
+        if (enable) {
+            log_used(vq, USED_ELEM(vq->size), 2);
             st16(vq->used + USED_ELEM(vq->size), vq->last_avail);
+        }
     } else {
         uint16_t f = ld16(vq->used);
+        log_used(vq, 0, 2);
         st16(vq->used, enable ? f & ~USED_F_NO_NOTIFY : f | USED_F_NO_NOTIFY);
     }
+    log_sync(vq);
     /* The flag store must be visible before we re-check avail->idx, or a
        buffer added just before the guest saw it would wait for no kick. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return gw_vq_pending(vq);
+}
+
+int gw_vq_log_write(struct gw_vq *vq, uint64_t gpa, uint64_t len)
+{
+    uint64_t miss = vq->log_miss;
+
+    if (len && gpa > UINT64_MAX - (len - 1))
+        return -1;
+    log_guest(vq, gpa, len);
+    log_sync(vq);
+    return vq->log_miss == miss ? 0 : -1;
 }

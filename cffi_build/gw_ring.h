@@ -23,6 +23,9 @@
 #define GW_E_INDIRECT 6      /* bad indirect table: nested, NEXT with INDIRECT, len not n*16, too long, not negotiated */
 #define GW_E_DIRECTION 7     /* device-writable desc on a TX queue, or read-only on RX */
 
+/* Dirty-log bytes a burst collects before it ORs them into the log (gw_log.h). */
+#define GW_LOG_CACHE 32
+
 struct gw_region {
     uint64_t gpa;       /* guest-physical start */
     uint64_t size;      /* bytes */
@@ -79,6 +82,20 @@ struct gw_vq {
     uint64_t drop_bad_csum;     /* csum_start/offset outside the frame */
     uint64_t drop_bad_gso;      /* GSO header refused (type, size, headers) */
     uint64_t rx_csum_valid;     /* RX frames given DATA_VALID */
+
+    /* Live migration (VHOST_F_LOG_ALL, gw_log.h). Python sets log, log_size,
+       log_used, log_used_gpa while the queue is stopped; log == NULL means
+       logging is off and costs one branch per write. The log has one bit per
+       4 KiB guest page; a page beyond log_size is counted in log_miss, never
+       written. log_n/log_off/log_bits are C's per-burst cache. */
+    uint8_t *log;
+    uint64_t log_size;          /* bytes */
+    uint64_t log_used_gpa;      /* log_guest_addr: used-ring writes are logged from here */
+    uint8_t log_used;           /* VHOST_VRING_F_LOG: log used-ring writes too */
+    uint64_t log_miss;          /* out: dirty pages the log was too small for */
+    uint32_t log_n;
+    uint64_t log_off[GW_LOG_CACHE];
+    uint8_t log_bits[GW_LOG_CACHE];
 };
 
 /* Guest TX -> caller buffers. Pops up to n chains; frame i (header stripped)
@@ -102,6 +119,10 @@ int gw_vq_call(struct gw_vq *vq);
 /* Ask the guest to kick (enable=1) or not (enable=0): used->flags, or
    avail_event with EVENT_IDX. Then a full barrier. Returns gw_vq_pending(). */
 int gw_vq_set_notify(struct gw_vq *vq, int enable);
+
+/* Mark [gpa, gpa+len) dirty now (tests, and Python writes into guest memory
+   while logging). Returns 0, or -1 if some page was beyond the log. */
+int gw_vq_log_write(struct gw_vq *vq, uint64_t gpa, uint64_t len);
 
 /* Number of avail entries not yet taken (0..size), -1 if broken. */
 int gw_vq_pending(struct gw_vq *vq);

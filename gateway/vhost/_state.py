@@ -55,6 +55,8 @@ RULES: dict[Request, Rule] = {
     Request.GET_STATUS: Rule(proto=Proto.STATUS, replies=True),
     Request.NET_SET_MTU: Rule(proto=Proto.NET_MTU),
     Request.SEND_RARP: Rule(proto=Proto.RARP),
+    # Replies with an empty payload: QEMU waits for it before logging starts.
+    Request.SET_LOG_BASE: Rule(proto=Proto.LOG_SHMFD, feature=Net.LOG_ALL, replies=True),
 }
 
 # Which ring states each ring request is legal in, and the state it leaves.

@@ -23,10 +23,11 @@ from typing import Protocol
 from gateway.vhost import _state
 from gateway.vhost import protocol as p
 from gateway.vhost._state import RingState
+from gateway.vhost.dirtylog import DirtyLog, LogError
 from gateway.vhost.memory import MAX_SLOTS, GuestMemory, MemoryTableError
 from gateway.vhost.protocol import ProtocolError, Request
 from gateway.virtio import features as vf
-from gateway.virtio.features import Proto
+from gateway.virtio.features import Net, Proto
 from gateway.virtio.ring import valid_size
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class VhostConnection:
     memory: GuestMemory = field(default_factory=GuestMemory)
     rings: list[Ring] = field(default_factory=list)
     closed: bool = False
+    log: DirtyLog | None = None  # SET_LOG_BASE: where a migration wants our writes marked
+    log_version: int = 0  # bumped when the log changes: workers must pick the new one
 
     def __post_init__(self) -> None:
         self.reader = p.MessageReader()
@@ -137,6 +140,7 @@ class VhostConnection:
                 r.state = RingState.STOPPED
                 r.close_fds()
             self.memory.close()
+            self._drop_log()
             self.reader.close()
         self.device.apply(self)  # after the release, so destroy_device sees it all gone
 
@@ -233,9 +237,19 @@ class VhostConnection:
         extra = f & ~self.device.features
         if extra:
             raise Refused(f"features {vf.names(extra)} were not offered")
+        if f >> Net.LOG_ALL & 1 and self.log is None:
+            raise Refused("LOG_ALL before SET_LOG_BASE: there is no log to write to")
         running = any(r.state is RingState.STARTED for r in self.rings)
-        if running and self.features_set and f != self.acked_features:
+        # QEMU turns LOG_ALL on and off on running rings when a migration starts
+        # and ends; any other change under running rings is refused.
+        log_all = 1 << Net.LOG_ALL
+        if running and self.features_set and (f ^ self.acked_features) & ~log_all:
             raise Refused("features changed while rings are running")
+        if running and self.features_set and f != self.acked_features:
+            self.device.pause(self, None)
+            self.acked_features = f
+            self.device.apply(self)
+            return
         self.acked_features = f
         self.features_set = True
 
@@ -249,6 +263,7 @@ class VhostConnection:
             r.close_fds()
         self.rings = [Ring(i) for i in range(2 * self.device.queue_pairs)]
         self.memory.close()
+        self._drop_log()
         self.acked_features = self.protocol_features = self.status = 0
         self.features_set = self.owned = False
         self.device.apply(self)
@@ -288,6 +303,27 @@ class VhostConnection:
         regions, fds = msg.mem_table(), msg.fds
         msg.fds = []  # set_table consumes them, mapped or not
         self._change_memory(lambda: self.memory.set_table(regions, fds))
+
+    def _on_set_log_base(self, msg: p.Message) -> bytes:
+        size, offset = msg.log()
+        end = max((m.region.gpa + m.region.size for m in self.memory.regions), default=0)
+        try:
+            new = DirtyLog(msg.fds[0], size, offset, end)
+        except LogError as e:
+            raise Refused(str(e)) from None
+        self.device.pause(self, None)
+        self._drop_log()
+        self.log = new
+        self.log_version += 1
+        self.device.apply(self)
+        return b""
+
+    def _drop_log(self) -> None:
+        """Callers have paused the workers: no burst writes into the old log."""
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+            self.log_version += 1
 
     def _on_add_mem_reg(self, msg: p.Message) -> None:
         region, fd = msg.single_region(), msg.fds.pop()

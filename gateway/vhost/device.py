@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 from gateway.datapath.port import Port
 from gateway.datapath.worker import QueuePairWorker
 from gateway.vhost.backend import Refused, VhostConnection
+from gateway.vhost.dirtylog import covers
 from gateway.vhost.memory import MemoryTableError
-from gateway.vhost.protocol import ProtocolError
+from gateway.vhost.protocol import VRING_F_LOG, ProtocolError
 from gateway.virtio import features as vf
 from gateway.virtio.features import Net
 from gateway.virtio.ring import AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN, VirtQueue, ring_sizes
@@ -70,6 +71,8 @@ class VhostDevice:
         self.drops = {"tx_too_big": 0, "tx_short": 0, "rx_too_big": 0, "tx_bad_csum": 0,
                       "tx_bad_gso": 0}
         self.offload = dict.fromkeys(OFFLOAD_COUNTERS, 0)
+        # Guest pages written while a migration logged but beyond the log (not marked).
+        self.log_miss = 0
         self._no_notify: set[int] = set()  # ring indexes the application polls
         self._ever_negotiated = False
         self._rarp: list[bytes] = []
@@ -118,10 +121,13 @@ class VhostDevice:
             out = dict(self.counters)
             drops = dict(self.drops)
             offload = dict(self.offload)
+            log_miss = self.log_miss
             for w, _ in self.workers.values():
                 _add_worker_stats(out, drops, w, offload)
+                log_miss += w.rxq.stats["log_miss"] + w.txq.stats["log_miss"]
         out["drops"] = drops
         out["offload"] = offload
+        out["log_miss"] = log_miss
         out["broken_total"] = self.broken_total
         return out
 
@@ -151,7 +157,8 @@ class VhostDevice:
             self.negotiated_features = conn.acked_features
             self._ever_negotiated = True
         keys = [(conn.rings[2 * qp].version, conn.rings[2 * qp + 1].version,
-                 conn.memory.version, conn.acked_features) for qp in range(self.queue_pairs)]
+                 conn.memory.version, conn.acked_features, conn.log_version)
+                for qp in range(self.queue_pairs)]
         with self._lock:
             for qp, key in list(self._broken_at.items()):
                 if not conn.closed and keys[qp] != key:  # the front-end set the ring up anew
@@ -231,6 +238,17 @@ class VhostDevice:
                                         f"overlaps the {other} ring at {start:#x}+{n}")
             spans.append((what, qva, length))
         acked = conn.acked_features
+        log, log_used_gpa = None, None
+        if acked >> Net.LOG_ALL & 1 and conn.log is not None:
+            log = conn.log
+            if addr.flags & VRING_F_LOG:
+                # The spec lets log_guest_addr lie outside guest memory, but the
+                # bit of the used ring's last byte must be inside the log.
+                used_len = ring_sizes(size)[2]
+                if not covers(log.size, addr.log, used_len):
+                    raise ProtocolError(f"ring {index}: used ring logged at {addr.log:#x}+"
+                                        f"{used_len} is beyond the {log.size}-byte log")
+                log_used_gpa = addr.log
         return VirtQueue(
             mem=conn.memory.native,
             size=size,
@@ -246,6 +264,8 @@ class VhostDevice:
             # TX rings are the odd ones; what each offload bit asks is in gw_xskq.c
             offload=bool(index % 2 and acked & OFFLOAD_TX),
             guest_csum=bool(index % 2 == 0 and acked >> Net.GUEST_CSUM & 1),
+            log=log,
+            log_used_gpa=log_used_gpa,
         )
 
     def _start_worker(self, conn: VhostConnection, qp: int, key: tuple) -> None:
@@ -283,6 +303,7 @@ class VhostDevice:
         with self._lock:
             del self.workers[qp]
             _add_worker_stats(self.counters, self.drops, w, self.offload)
+            self.log_miss += w.rxq.stats["log_miss"] + w.txq.stats["log_miss"]
         conn.rings[2 * qp].base = w.rxq.last_avail
         conn.rings[2 * qp + 1].base = w.txq.last_avail
 

@@ -64,6 +64,7 @@ VRING_STATE = struct.Struct("<II")  # index, num
 VRING_ADDR = struct.Struct("<IIQQQQ")  # index, flags, desc, used, avail, log
 REGION = struct.Struct("<QQQQ")  # guest_phys_addr, size, user_addr, mmap_offset
 MEM_HEADER = struct.Struct("<II")  # nregions, padding
+LOG = struct.Struct("<QQ")  # VhostUserLog: mmap_size, mmap_offset
 SINGLE_REGION_PAD = struct.Struct("<Q")
 
 VERSION = 0x1
@@ -142,6 +143,10 @@ class Message:
         off = MEM_HEADER.size
         return [Region(*REGION.unpack_from(self.payload, off + i * REGION.size)) for i in range(n)]
 
+    def log(self) -> tuple[int, int]:
+        """SET_LOG_BASE: (mmap_size, mmap_offset) of the log in the fd."""
+        return LOG.unpack(self.payload)
+
     def single_region(self) -> Region:
         return Region(*REGION.unpack_from(self.payload, SINGLE_REGION_PAD.size))
 
@@ -173,6 +178,8 @@ def _expected_size(req: int, payload: bytes) -> set[int]:
         return {0, U64.size}  # senders disagree; the value is unused
     if req == Request.SET_VRING_ADDR:
         return {VRING_ADDR.size}
+    if req == Request.SET_LOG_BASE:
+        return {LOG.size}  # the shared-memory form; the u64 one is for kernel vhost
     if req in (Request.ADD_MEM_REG, Request.REM_MEM_REG):
         return {SINGLE_REGION_PAD.size + REGION.size}
     if req == Request.SET_MEM_TABLE:
@@ -191,7 +198,7 @@ def _expected_fds(msg: Message) -> set[int]:
         return {0} if msg.u64() & VRING_NOFD else {1}
     if req == Request.SET_MEM_TABLE:
         return {len(msg.mem_table())}
-    if req == Request.ADD_MEM_REG:
+    if req in (Request.ADD_MEM_REG, Request.SET_LOG_BASE):
         return {1}
     if req == Request.REM_MEM_REG:
         return {0, 1}  # QEMU passes the region's fd again; it is only closed
@@ -319,6 +326,10 @@ def mem_table(regions: list[Region]) -> bytes:
     return MEM_HEADER.pack(len(regions), 0) + b"".join(
         REGION.pack(r.gpa, r.size, r.qva, r.mmap_offset) for r in regions
     )
+
+
+def log_base(size: int, offset: int = 0) -> bytes:
+    return LOG.pack(size, offset)
 
 
 def single_region(r: Region) -> bytes:

@@ -32,6 +32,7 @@ class Net(IntEnum):
     MQ = 22
     CTRL_MAC_ADDR = 23
     NOTIFY_ON_EMPTY = 24
+    LOG_ALL = 26  # VHOST_F_LOG_ALL: log every guest write for a live migration
     ANY_LAYOUT = 27
     RING_INDIRECT_DESC = 28
     RING_EVENT_IDX = 29

@@ -137,6 +137,8 @@ class VirtQueue:
         callfd: int = -1,
         offload: bool = False,
         guest_csum: bool = False,
+        log=None,
+        log_used_gpa: int | None = None,
     ):
         if not valid_size(size):
             raise ValueError(f"bad queue size {size}")
@@ -152,6 +154,15 @@ class VirtQueue:
         vq.event_idx = bool(event_idx)
         vq.indirect = bool(indirect)
         vq.callfd = callfd
+        # Dirty logging (live migration): `log` is a DirtyLog kept alive here,
+        # used-ring writes are logged only when the ring asked (VRING_F_LOG).
+        self._log = log
+        if log is not None:
+            vq.log = log.ptr
+            vq.log_size = log.size
+            if log_used_gpa is not None:
+                vq.log_used = 1
+                vq.log_used_gpa = log_used_gpa
         vq.last_avail = last_avail & 0xFFFF
         # TX with CSUM/HOST_TSO: headers are read and a GSO frame of up to
         # 64 KiB (plus headers) waits in big while it is segmented.
@@ -235,6 +246,7 @@ class VirtQueue:
             "tx_gso": vq.tx_gso,
             "tx_gso_segs": vq.tx_gso_segs,
             "rx_csum_valid": vq.rx_csum_valid,
+            "log_miss": vq.log_miss,
         }
 
     @property
