@@ -19,6 +19,7 @@ unsigned gw_xsk_reap(struct xsk_ring_cons *cq, __u64 *pool, unsigned npool, unsi
 #define MAX_BURST 256
 #define GW_BURST 32    /* frames per ring per pass */
 #define MAX_KICKS 16   /* copy mode sends <= 32 descriptors a kick: 16 cover a burst */
+#define VLAN_HLEN 4
 
 static void lock(struct gw_umemq *u)
 {
@@ -140,7 +141,7 @@ static int keep_local(struct gw_local *l, const uint8_t *f, uint32_t len)
         return 0;
     group = f[0] & 1;
     if (!group) {
-        uint64_t d = mac_at(f);
+        uint64_t d = (uint64_t)(l->vlan & 0xfff) << 48 | mac_at(f);
         unsigned nm = __atomic_load_n(l->nmacs, __ATOMIC_ACQUIRE);
         for (unsigned i = 0; i < nm && !mine; i++)
             mine = l->macs[i] == d;
@@ -156,12 +157,26 @@ static int keep_local(struct gw_local *l, const uint8_t *f, uint32_t len)
     return mine;
 }
 
+/* The device's 802.1Q tag after the two addresses, priority 0; the frame
+   has VLAN_HLEN bytes of room behind it (the burst's cap kept them free) and
+   is at least 14 bytes long (allowed()). Returns the new length. */
+static uint32_t push_vlan(uint8_t *f, uint32_t len, unsigned vid)
+{
+    memmove(f + 12 + VLAN_HLEN, f + 12, len - 12);
+    f[12] = 0x81;
+    f[13] = 0x00;
+    f[14] = (vid >> 8) & 0x0f;
+    f[15] = vid & 0xff;
+    return len + VLAN_HLEN;
+}
+
 int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
                       unsigned n, struct gw_local *local)
 {
     __u64 addrs[MAX_BURST], wire[MAX_BURST], spare[MAX_BURST];
     uint32_t lens[MAX_BURST], wire_lens[MAX_BURST];
-    unsigned k, w = 0, s = 0;
+    unsigned k, w = 0, s = 0, vid = local ? local->vlan & 0xfff : 0;
+    uint32_t cap = (uint32_t)u->frame_size - (vid ? VLAN_HLEN : 0);
     int got;
 
     if (vq->error)
@@ -174,12 +189,12 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
         u->tx_no_frame++;
     if (!k)
         return 0;
-    got = gw_vq_tx_burst(vq, u->area, (const uint64_t *)addrs, (uint32_t)u->frame_size, lens, k);
+    got = gw_vq_tx_burst(vq, u->area, (const uint64_t *)addrs, cap, lens, k);
     for (unsigned i = 0; i < k; i++) {
-        const uint8_t *f = u->area + addrs[i];
+        uint8_t *f = u->area + addrs[i];
         if ((int)i < got && allowed(local, f, lens[i]) && !keep_local(local, f, lens[i])) {
             wire[w] = addrs[i];
-            wire_lens[w++] = lens[i];
+            wire_lens[w++] = vid ? push_vlan(f, lens[i], vid) : lens[i];
         } else {
             spare[s++] = addrs[i];
         }
