@@ -157,12 +157,13 @@ static int keep_local(struct gw_local *l, const uint8_t *f, uint32_t len)
     return mine;
 }
 
-/* The device's 802.1Q tag after the two addresses, priority 0; the frame
-   has VLAN_HLEN bytes of room behind it (the burst's cap kept them free) and
-   is at least 14 bytes long (allowed()). Returns the new length. */
+/* Tags a guest frame that was copied VLAN_HLEN bytes into its UMEM frame `f`
+   (and is at least 14 bytes long: allowed()): its two addresses move down
+   to the start, the device's 802.1Q tag (priority 0) fills the gap. Returns
+   the tagged length. */
 static uint32_t push_vlan(uint8_t *f, uint32_t len, unsigned vid)
 {
-    memmove(f + 12 + VLAN_HLEN, f + 12, len - 12);
+    memmove(f, f + VLAN_HLEN, 12);
     f[12] = 0x81;
     f[13] = 0x00;
     f[14] = (vid >> 8) & 0x0f;
@@ -173,10 +174,10 @@ static uint32_t push_vlan(uint8_t *f, uint32_t len, unsigned vid)
 int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
                       unsigned n, struct gw_local *local)
 {
-    __u64 addrs[MAX_BURST], wire[MAX_BURST], spare[MAX_BURST];
+    __u64 addrs[MAX_BURST], dst[MAX_BURST], wire[MAX_BURST], spare[MAX_BURST];
     uint32_t lens[MAX_BURST], wire_lens[MAX_BURST];
     unsigned k, w = 0, s = 0, vid = local ? local->vlan & 0xfff : 0;
-    uint32_t cap = (uint32_t)u->frame_size - (vid ? VLAN_HLEN : 0);
+    unsigned room = vid ? VLAN_HLEN : 0;   /* in front of the guest frame, for its tag */
     int got;
 
     if (vq->error)
@@ -189,12 +190,15 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
         u->tx_no_frame++;
     if (!k)
         return 0;
-    got = gw_vq_tx_burst(vq, u->area, (const uint64_t *)addrs, cap, lens, k);
+    for (unsigned i = 0; i < k; i++)
+        dst[i] = addrs[i] + room;
+    got = gw_vq_tx_burst(vq, u->area, (const uint64_t *)dst, (uint32_t)u->frame_size - room,
+                         lens, k);
     for (unsigned i = 0; i < k; i++) {
-        uint8_t *f = u->area + addrs[i];
+        const uint8_t *f = u->area + dst[i];
         if ((int)i < got && allowed(local, f, lens[i]) && !keep_local(local, f, lens[i])) {
             wire[w] = addrs[i];
-            wire_lens[w++] = vid ? push_vlan(f, lens[i], vid) : lens[i];
+            wire_lens[w++] = vid ? push_vlan(u->area + addrs[i], lens[i], vid) : lens[i];
         } else {
             spare[s++] = addrs[i];
         }
