@@ -16,8 +16,10 @@ import pytest
 from gateway.api import Attachment, Gateway, GatewayError
 from gateway.datapath.xdp_port import XdpPort
 from gateway.registry import Registry
+from gateway.testing import qemu
 from gateway.testing.daemon import Daemon
 from gateway.testing.frontend import Frontend
+from gateway.testing.guest import ensure_guest, make_initrd, net_up
 from gateway.testing.guestnet import GuestHost, ipv4, mac_bytes, parse_arp, parse_ipv4, udp
 from gateway.testing.netns import topology
 from gateway.testing.vlanhost import FarVlans
@@ -384,3 +386,30 @@ def test_cli_vlan_is_listed_saved_and_restored(tmp_path):
         finally:
             if d.proc.poll() is None:
                 d.stop()
+
+
+QEMU_SCENARIO = """
+ping -c 3 -W 2 {far} >/dev/null && echo "GW-GUEST: ping ok"
+sleep 60
+"""
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(not qemu.qemu_available(), reason="qemu-system-x86_64 not installed")
+def test_linux_guest_on_a_vlan_pings_and_is_pinged(wire, tmp_path):
+    """A real virtio-net driver on VLAN 100: ARP and ping out, the far host's
+    ARP broadcast and ping in."""
+    topo, far, attach, started = wire
+    dev, port, path = attach("vm100", MAC, 100)
+    me, there = f"{net(topo, 100)}.2", f"{net(topo, 100)}.1"
+    image = ensure_guest()
+    initrd = make_initrd(image, net_up(me) + QEMU_SCENARIO.format(far=there),
+                         tmp_path / "initrd")
+    with qemu.QemuGuest(image.kernel, initrd, nics=[qemu.VhostUserNic(socket=path, mac=MAC)],
+                        log_path=tmp_path / "console.log") as vm:
+        vm.wait_for(r"GW-GUEST: ping ok", 120)
+        for seq in range(3):
+            assert far.ping(100, me, seq, timeout=10)["tci"] == 100
+    echoes = [e for e in far.drain() if e["ev"] == "echo"]
+    assert len(echoes) >= 3 and all(e["tci"] == 100 and e["ip"] == me for e in echoes)
+    assert dev.stats()["rx_packets"] >= 6  # 3 echo replies + 3 echo requests, at least
