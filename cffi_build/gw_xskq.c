@@ -128,6 +128,10 @@ static int allowed(struct gw_local *l, const uint8_t *f, uint32_t len)
         l->spoofed++;
         return 0;
     }
+    if (l && ((f[12] == 0x81 && f[13] == 0x00) || (f[12] == 0x88 && f[13] == 0xa8))) {
+        l->tagged++;
+        return 0;
+    }
     return 1;
 }
 

@@ -51,8 +51,12 @@ struct gw_local {
     uint64_t runts;            /* frames dropped for being shorter than 14 bytes */
     /* VLANs: the device's VLAN ID, 0 = untagged. Its frames leave tagged with it
        (802.1Q, priority 0), and macs[] entries carry their device's VID above
-       the 48 MAC bits, so unicast stays local only within the VLAN. */
+       the 48 MAC bits, so unicast stays local only within the VLAN. A guest
+       frame that carries a VLAN tag of its own (TPID 0x8100 or 0x88a8) is
+       dropped and counted, from any device: the gateway assigns VLANs, and a
+       guest must not put frames on another VLAN of the wire. */
     unsigned vlan;
+    uint64_t tagged;           /* frames dropped for carrying their own VLAN tag */
 };
 
 /* Return completed TX frames to the pool and top up the fill ring. */

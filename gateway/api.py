@@ -266,7 +266,8 @@ class Gateway:
             for reason in ("drop_no_socket", "drop_stopped", "drop_too_big"):
                 drops["xdp_" + reason.removeprefix("drop_")] = p[reason]
             for reason in ("rx_dropped", "rx_ring_full", "rx_fill_ring_empty_descs",
-                           "tx_ring_full", "tx_no_frame", "tx_spoofed", "tx_runt"):
+                           "tx_ring_full", "tx_no_frame", "tx_spoofed", "tx_runt",
+                           "tx_tagged"):
                 drops[reason] = p[reason]
             out[n] = {k: s[k] for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
                                         "broken_total")}

@@ -244,13 +244,13 @@ def test_arp_and_ping_across_the_vlan(wire):
     me, there = f"{net(topo, 100)}.2", f"{net(topo, 100)}.1"
     with guests(wire, [("vm100", MAC, 100, me)]) as (host,):
         # guest -> far: the ARP request leaves tagged, the reply comes back untagged
-        assert host.resolve(there) == mac_bytes(far.mac)
+        assert host.resolve(there, timeout=TIMEOUT) == mac_bytes(far.mac)
         for seq in range(3):
-            host.ping(there, seq)
+            host.ping(there, seq, timeout=TIMEOUT)
         # far -> guest: its ARP broadcast on VLAN 100 reaches the guest through the tap
         for seq in range(3):
-            assert far.ping(100, me, seq)["tci"] == 100
-        assert far.resolve(100, me) == MAC
+            assert far.ping(100, me, seq, timeout=TIMEOUT)["tci"] == 100
+        assert far.resolve(100, me, timeout=TIMEOUT) == MAC
 
 
 def test_same_mac_in_two_vlans_and_untagged_stay_apart(wire):
@@ -264,9 +264,9 @@ def test_same_mac_in_two_vlans_and_untagged_stay_apart(wire):
         host = dict(zip(vlans, hosts, strict=True))
         # each guest resolves and pings its own side of the far host
         for v in vlans:
-            there = f"{net(topo, v)}.1"
-            assert host[v].resolve(there) == mac_bytes(far.mac if v else topo.peer_mac)
-            host[v].ping(there, 1)
+            there, mac = f"{net(topo, v)}.1", far.mac if v else topo.peer_mac
+            assert host[v].resolve(there, timeout=TIMEOUT) == mac_bytes(mac)
+            host[v].ping(there, 1, timeout=TIMEOUT)
 
         def far_send(v: int, unicast: bytes, broadcast: bytes) -> None:
             if v:
@@ -290,14 +290,14 @@ def test_same_mac_in_two_vlans_and_untagged_stay_apart(wire):
 
         # guests -> far: unicast to their far address and a broadcast, each heard on its
         # own network only: the far kernel's untagged stack hears only the untagged guest
-        rx = far_popen(topo, FAR_LISTEN, 3, 2, topo.peer)
+        rx = far_popen(topo, FAR_LISTEN, TIMEOUT, 2, topo.peer)
         for v in vlans:
             host[v].send([udp_frame(MAC, far.mac if v else topo.peer_mac, ip[v],
                                     f"{net(topo, v)}.1", b"from %d" % v),
                           udp_frame(MAC, BCAST_MAC, ip[v], "255.255.255.255", b"all %d" % v)])
         for v in (100, 200):
             for data in (b"from %d" % v, b"all %d" % v):
-                e = far.wait("udp", lambda e, d=data: bytes.fromhex(e["data"]) == d)
+                e = far.wait("udp", lambda e, d=data: bytes.fromhex(e["data"]) == d, TIMEOUT)
                 assert e["vid"] == v and e["tci"] == v
         assert sorted(finish(rx)) == [f"{topo.peer} all 0", f"{topo.peer} from 0"]
         # nor did any guest get another's broadcast (the gateway copies those locally)
@@ -314,16 +314,16 @@ def test_local_frames_stay_in_their_vlan(wire):
     specs = [("a100", MAC, 100, a_ip), ("b100", MAC2, 100, b_ip), ("c200", MAC2, 200, c_ip)]
     with guests(wire, specs) as (a, b, c):
         # a finds b (its ARP broadcast copied to VLAN 100's guests only) and pings it
-        assert a.resolve(b_ip) == mac_bytes(MAC2)
+        assert a.resolve(b_ip, timeout=TIMEOUT) == mac_bytes(MAC2)
         for seq in range(3):
-            a.ping(b_ip, seq)
+            a.ping(b_ip, seq, timeout=TIMEOUT)
         a.send([udp_frame(MAC, MAC2, a_ip, b_ip, b"a to b")])
         b.expect(is_udp(b_ip, b"a to b"))
         assert not [e for e in far.drain() if e["ev"] == "udp"]  # that stayed local
         # c (VLAN 200, b's MAC) sends to a's MAC: not local in VLAN 200, so it goes to
         # the wire tagged 200 (where nobody has that MAC); a never sees it
         c.send([udp_frame(MAC2, MAC, c_ip, a_ip, b"c to a")])
-        e = far.wait("udp", lambda e: bytes.fromhex(e["data"]) == b"c to a")
+        e = far.wait("udp", lambda e: bytes.fromhex(e["data"]) == b"c to a", TIMEOUT)
         assert e["tci"] == 200
         a.send([udp_frame(MAC, MAC2, a_ip, b_ip, b"a to b again")])
         b.expect(is_udp(b_ip, b"a to b again"))
@@ -333,6 +333,29 @@ def test_local_frames_stay_in_their_vlan(wire):
             arp = parse_arp(f)
             assert arp is None or arp[2] != a_ip
             assert (p := parse_ipv4(f)) is None or p[0] != a_ip
+
+
+@pytest.mark.parametrize("vlan", [0, 100], ids=["untagged", "vlan100"])
+def test_guest_frames_with_their_own_tag_are_dropped_and_counted(wire, vlan):
+    """The gateway assigns VLANs: a guest that tags its frames itself (802.1Q or
+    802.1ad) would reach another VLAN of the wire, so those never leave it."""
+    topo, far, attach, started = wire
+    dev, port, path = attach("vm", MAC, vlan)
+    me, there = f"{net(topo, 100)}.2", f"{net(topo, 100)}.1"
+    with Frontend(path) as fe:
+        fe.connect().setup()
+        assert started["vm"].wait(TIMEOUT)
+        plain = udp_frame(MAC, far.mac, me, there, b"own tag")
+        own = [plain[:12] + tpid + b"\x00\x64" + plain[12:] for tpid in (b"\x81\x00", b"\x88\xa8")]
+        # after them, from a VLAN 100 device, one frame the far host takes: the fence
+        fence = udp_frame(MAC, far.mac, me, there, b"fence")
+        fe.transmit(own + ([fence] if vlan else []))
+        fe.wait_tx_done(len(own) + (1 if vlan else 0))
+        if vlan:
+            assert bytes.fromhex(far.wait("udp", timeout=TIMEOUT)["data"]) == b"fence"
+    assert port.stats()["tx_tagged"] == 2
+    assert not [e for e in far.drain() if e["ev"] == "udp" and b"own tag" in
+                bytes.fromhex(e["data"])]
 
 
 def test_vlan_attach_refusals_and_mac_sharing(tmp_path):
@@ -409,7 +432,7 @@ def test_linux_guest_on_a_vlan_pings_and_is_pinged(wire, tmp_path):
                         log_path=tmp_path / "console.log") as vm:
         vm.wait_for(r"GW-GUEST: ping ok", 120)
         for seq in range(3):
-            assert far.ping(100, me, seq, timeout=10)["tci"] == 100
+            assert far.ping(100, me, seq, timeout=TIMEOUT)["tci"] == 100
     echoes = [e for e in far.drain() if e["ev"] == "echo"]
     assert len(echoes) >= 3 and all(e["tci"] == 100 and e["ip"] == me for e in echoes)
     assert dev.stats()["rx_packets"] >= 6  # 3 echo replies + 3 echo requests, at least

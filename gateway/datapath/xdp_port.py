@@ -193,14 +193,16 @@ class XdpPort:
     def stats(self) -> dict[str, int]:
         """BPF counters of the slot, the sockets' XDP_STATISTICS (rx_ring_full and
         friends: drops the XDP program cannot see), guest frames refused for
-        their source MAC or length (tx_spoofed, tx_runt) and, for the NIC queues this
-        device sends on, TX bursts cut short for want of frames or ring room
-        (shared with the other devices on those queues)."""
+        their source MAC, length or own VLAN tag (tx_spoofed, tx_runt,
+        tx_tagged) and, for the NIC queues this device sends on, TX bursts cut
+        short for want of frames or ring room (shared with the other devices
+        on those queues)."""
         out = dict(self.nic.program.counters(self.slot))
         for key in (*STATS_KEYS, "tx_no_frame", "tx_ring_full"):
             out[key] = 0
         out["tx_spoofed"] = sum(q._local.spoofed for q in self._queues.values())
         out["tx_runt"] = sum(q._local.runts for q in self._queues.values())
+        out["tx_tagged"] = sum(q._local.tagged for q in self._queues.values())
         for _, s in self.sockets.values():
             for key, v in s.stats().items():
                 out[key] += v

@@ -156,6 +156,7 @@ class FarVlans:
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.events: queue.Queue[dict] = queue.Queue()
         self.seen: list[dict] = []  # every event taken off the queue, for later checks
+        self._unclaimed: list[dict] = []  # ... that no wait() returned yet
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.mac = self.wait("ready")["mac"]
@@ -174,18 +175,23 @@ class FarVlans:
         extra = {} if count is None else {"count": count}
         self._do(cmd="udp", vid=vid, mac=mac, ip=ip, data=data.hex(), **extra)
 
-    def resolve(self, vid: int, ip: str, timeout: float = 5.0) -> str:
+    def resolve(self, vid: int, ip: str, timeout: float = 15.0) -> str:
         self._do(cmd="arp", vid=vid, ip=ip)
         return self.wait("arp", lambda e: e["op"] == 2 and e["ip"] == ip and e["vid"] == vid,
                          timeout)["mac"]
 
-    def ping(self, vid: int, ip: str, seq: int, timeout: float = 5.0) -> dict:
+    def ping(self, vid: int, ip: str, seq: int, timeout: float = 15.0) -> dict:
         mac = self.resolve(vid, ip, timeout)
         self._do(cmd="ping", vid=vid, mac=mac, ip=ip, seq=seq)
         return self.wait("pong", lambda e: e["ip"] == ip and e["seq"] == seq, timeout)
 
-    def wait(self, ev: str, match=lambda e: True, timeout: float = 5.0) -> dict:
-        """The next event of kind `ev` that matches (others are kept in `seen`)."""
+    def wait(self, ev: str, match=lambda e: True, timeout: float = 15.0) -> dict:
+        """The first event of kind `ev` that matches and no earlier wait returned:
+        events arrive in the far host's order, which is not always the test's."""
+        for e in self._unclaimed:
+            if e["ev"] == ev and match(e):
+                self._unclaimed.remove(e)
+                return e
         end = time.monotonic() + timeout
         while True:
             left = end - time.monotonic()
@@ -198,14 +204,17 @@ class FarVlans:
             self.seen.append(e)
             if e["ev"] == ev and match(e):
                 return e
+            self._unclaimed.append(e)
 
     def drain(self) -> list[dict]:
-        """Every event so far, the queued ones added to `seen`."""
+        """Every event so far (`seen`), the queued ones included."""
         while True:
             try:
-                self.seen.append(self.events.get_nowait())
+                e = self.events.get_nowait()
             except queue.Empty:
                 return self.seen
+            self.seen.append(e)
+            self._unclaimed.append(e)
 
     def close(self) -> None:
         self.proc.kill()
