@@ -30,7 +30,8 @@
 // An 802.1Q tag (TPID 0x8100) selects the VLAN part of the key (its VID; a priority tag,
 // VID 0, counts as untagged); a steered frame loses its tag before the redirect, so guests
 // only ever see untagged frames, and lengths (max frame, rx_bytes) are those without it.
-// Group frames pass tagged or not: the gateway's flood tap reads their VLAN.
+// Unicast under an 802.1ad tag (0x88a8) is nobody's: G_PASSED. Group frames pass tagged
+// or not: the gateway's flood tap reads their VLAN.
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -144,6 +145,9 @@ int gateway_xdp(struct xdp_md *ctx)
             return pass_global(G_BROADCAST);
         return pass_global(G_MULTICAST);
     }
+
+    if (type[0] == 0x88 && type[1] == 0xa8)  // 802.1ad: a VLAN no device is on
+        return pass_global(G_PASSED);
 
     u64 key = (vid << 48) | ((u64)d[0] << 40) | ((u64)d[1] << 32) | ((u64)d[2] << 24) |
               ((u64)d[3] << 16) | ((u64)d[4] << 8) | (u64)d[5];

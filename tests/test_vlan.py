@@ -335,6 +335,30 @@ def test_local_frames_stay_in_their_vlan(wire):
             assert (p := parse_ipv4(f)) is None or p[0] != a_ip
 
 
+def test_8021ad_frames_reach_no_guest(wire):
+    """Frames under an 802.1ad (S-VLAN) tag belong to no device, untagged or on the
+    VLAN with the same ID: unicast stays with the kernel, the tap floods no copy."""
+    topo, far, *_ = wire
+    ip0, ip100 = f"{net(topo, 0)}.2", f"{net(topo, 100)}.2"
+    with guests(wire, [("vm0", MAC, 0, ip0), ("vm100", MAC, 100, ip100)]) as (g0, g100):
+        for dst, ip in ((MAC, ip100), (BCAST_MAC, f"{net(topo, 100)}.255")):
+            f = udp_frame(far.mac, dst, f"{net(topo, 100)}.1", ip, b"s-tag")
+            far.raw(f[:12] + b"\x88\xa8\x00\x64" + f[12:])
+        # fences, after them on the same paths: plain unicast and broadcast on each
+        for v, host in ((0, g0), (100, g100)):
+            uni = udp_frame(far.mac, MAC, f"{net(topo, v)}.1", f"{net(topo, v)}.2", b"fence")
+            bc = udp_frame(far.mac, BCAST_MAC, f"{net(topo, v)}.1", f"{net(topo, v)}.255",
+                           b"fence-all")
+            if v:
+                far.udp(v, MAC, f"{net(topo, v)}.2", b"fence")
+                far.udp(v, BCAST_MAC, f"{net(topo, v)}.255", b"fence-all")
+            else:
+                far.raw(uni)
+                far.raw(bc)
+            got = collect(host, b"fence", b"fence-all")
+            assert not [f for f in got if b"s-tag" in f], v
+
+
 @pytest.mark.parametrize("vlan", [0, 100], ids=["untagged", "vlan100"])
 def test_guest_frames_with_their_own_tag_are_dropped_and_counted(wire, vlan):
     """The gateway assigns VLANs: a guest that tags its frames itself (802.1Q or

@@ -120,14 +120,16 @@ class _Host:
                       frame=f.hex())
 
     def command(self, c: dict) -> None:
-        vid = c["vid"]
-        me = self.ips[vid]
+        vid = c.get("vid")
+        me = self.ips.get(vid)
         if c["cmd"] == "udp":
             dst_mac = mac_bytes(c["mac"])
             for i in range(c.get("count", 1)):
                 data = bytes.fromhex(c["data"]) + (b" %05d" % i if "count" in c else b"")
                 self.out(vid, dst_mac + self.mac + b"\x08\x00"
                          + ipv4(me, c["ip"], 17, udp(me, c["ip"], 4000, 5000, data)))
+        elif c["cmd"] == "raw":  # exactly these bytes: any tag, or none
+            self.sock.send(bytes.fromhex(c["frame"]))
         elif c["cmd"] == "arp":
             self.out(vid, arp(1, self.mac, me, BCAST, c["ip"]))
         elif c["cmd"] == "ping":
@@ -174,6 +176,10 @@ class FarVlans:
         """UDP to port 5000 (count: that many, numbered " 00000" ...)."""
         extra = {} if count is None else {"count": count}
         self._do(cmd="udp", vid=vid, mac=mac, ip=ip, data=data.hex(), **extra)
+
+    def raw(self, frame: bytes) -> None:
+        """`frame` onto the wire as it is (no tag added)."""
+        self._do(cmd="raw", frame=frame.hex())
 
     def resolve(self, vid: int, ip: str, timeout: float = 15.0) -> str:
         self._do(cmd="arp", vid=vid, ip=ip)

@@ -31,20 +31,26 @@ PACKET_BROADCAST, PACKET_MULTICAST = 1, 2
 MAX_FRAME = 65536
 SOL_PACKET, PACKET_AUXDATA = 263, 8
 TP_STATUS_VLAN_VALID = 1 << 4
+TP_STATUS_VLAN_TPID_VALID = 1 << 6
 # struct tpacket_auxdata: status, len, snaplen (u32); mac, net, vlan_tci, vlan_tpid (u16)
 AUXDATA = struct.Struct("=IIIHHHH")
-TPID_8021Q = b"\x81\x00"
+TPID_8021Q, TPID_8021AD = b"\x81\x00", b"\x88\xa8"
 
 
 def untag(data: bytes, ancdata) -> tuple[bytes, int]:
-    """(the frame without its 802.1Q tag, its VLAN ID or 0)."""
+    """(the frame without its 802.1Q tag, its VLAN ID or 0); VLAN -1, no guest's,
+    for a frame under another tag (802.1ad), as the XDP program treats unicast."""
     for level, kind, raw in ancdata:
         if level == SOL_PACKET and kind == PACKET_AUXDATA and len(raw) >= AUXDATA.size:
-            status, _, _, _, _, tci, _ = AUXDATA.unpack_from(raw)
+            status, _, _, _, _, tci, tpid = AUXDATA.unpack_from(raw)
             if status & TP_STATUS_VLAN_VALID:
+                if status & TP_STATUS_VLAN_TPID_VALID and tpid != 0x8100:
+                    return data, -1
                 return data, tci & 0xFFF
     if len(data) >= 18 and data[12:14] == TPID_8021Q:
         return data[:12] + data[16:], (data[14] << 8 | data[15]) & 0xFFF
+    if len(data) >= 18 and data[12:14] == TPID_8021AD:
+        return data, -1
     return data, 0
 
 
