@@ -20,6 +20,7 @@ unsigned gw_xsk_reap(struct xsk_ring_cons *cq, __u64 *pool, unsigned npool, unsi
 #define MAX_BURST 256
 #define GW_BURST 32    /* frames per ring per pass */
 #define MAX_KICKS 16   /* copy mode sends <= 32 descriptors a kick: 16 cover a burst */
+#define VLAN_HLEN 4
 
 static void lock(struct gw_umemq *u)
 {
@@ -142,6 +143,10 @@ static int allowed(struct gw_local *l, const uint8_t *f, uint32_t len)
         l->spoofed++;
         return 0;
     }
+    if (l && ((f[12] == 0x81 && f[13] == 0x00) || (f[12] == 0x88 && f[13] == 0xa8))) {
+        l->tagged++;
+        return 0;
+    }
     return 1;
 }
 
@@ -155,7 +160,7 @@ static int keep_local(struct gw_local *l, const uint8_t *f, uint32_t len)
         return 0;
     group = f[0] & 1;
     if (!group) {
-        uint64_t d = mac_at(f);
+        uint64_t d = (uint64_t)(l->vlan & 0xfff) << 48 | mac_at(f);
         unsigned nm = __atomic_load_n(l->nmacs, __ATOMIC_ACQUIRE);
         for (unsigned i = 0; i < nm && !mine; i++)
             mine = l->macs[i] == d;
@@ -171,18 +176,34 @@ static int keep_local(struct gw_local *l, const uint8_t *f, uint32_t len)
     return mine;
 }
 
+/* Tags a guest frame that was copied VLAN_HLEN bytes into its UMEM frame `f`
+   (and is at least 14 bytes long: allowed()): its two addresses move down
+   to the start, the device's 802.1Q tag (priority 0) fills the gap. Returns
+   the tagged length. */
+static uint32_t push_vlan(uint8_t *f, uint32_t len, unsigned vid)
+{
+    memmove(f, f + VLAN_HLEN, 12);
+    f[12] = 0x81;
+    f[13] = 0x00;
+    f[14] = (vid >> 8) & 0x0f;
+    f[15] = vid & 0xff;
+    return len + VLAN_HLEN;
+}
+
 /* A GSO frame, segmented straight into UMEM frames and sent, after the
    frames before it (order kept). Segments for local guests are copied out
    like any frame. Refused headers are counted; so is a lack of frames or
-   ring room, which drops the whole frame (TCP sends it again). */
+   ring room, which drops the whole frame (TCP sends it again). Each segment
+   is built VLAN_HLEN bytes into its frame when vid is set, for its tag. */
 static void send_gso(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
                      const uint8_t *f, uint32_t len, const struct gw_net_hdr *h,
-                     struct gw_local *local)
+                     struct gw_local *local, unsigned vid)
 {
+    unsigned room = vid ? VLAN_HLEN : 0;
     __u64 segs[GW_GSO_MAX_SEGS], wire[GW_GSO_MAX_SEGS], spare[GW_GSO_MAX_SEGS];
     uint32_t wire_lens[GW_GSO_MAX_SEGS];
     struct gw_gso plan;
-    int n = gw_gso_plan(f, len, h, (uint32_t)u->frame_size, &plan);
+    int n = gw_gso_plan(f, len, h, (uint32_t)u->frame_size - room, &plan);
     unsigned k, w = 0, s = 0;
 
     if (n < 0) {
@@ -200,13 +221,13 @@ static void send_gso(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod 
         return;
     }
     for (unsigned i = 0; i < k; i++) {
-        uint8_t *out = u->area + segs[i];
+        uint8_t *out = u->area + segs[i] + room;
         uint32_t l = gw_gso_segment(f, &plan, i, out);
         if (keep_local(local, out, l)) {
             spare[s++] = segs[i];
         } else {
             wire[w] = segs[i];
-            wire_lens[w++] = l;
+            wire_lens[w++] = vid ? push_vlan(u->area + segs[i], l, vid) : l;
         }
     }
     transmit_or_free(u, tx, fd, wire, wire_lens, w);
@@ -218,10 +239,11 @@ static void send_gso(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod 
 int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
                       unsigned n, struct gw_local *local)
 {
-    __u64 addrs[MAX_BURST], wire[MAX_BURST], spare[MAX_BURST];
+    __u64 addrs[MAX_BURST], dst[MAX_BURST], wire[MAX_BURST], spare[MAX_BURST];
     uint32_t lens[MAX_BURST], wire_lens[MAX_BURST];
     uint8_t hdrs[MAX_BURST * 12];
-    unsigned k, w = 0, s = 0;
+    unsigned k, w = 0, s = 0, vid = local ? local->vlan & 0xfff : 0;
+    unsigned room = vid ? VLAN_HLEN : 0;   /* in front of the guest frame, for its tag */
     int got;
 
     if (vq->error)
@@ -234,11 +256,14 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
         u->tx_no_frame++;
     if (!k)
         return 0;
+    for (unsigned i = 0; i < k; i++)
+        dst[i] = addrs[i] + room;
     vq->hdrs = vq->offload ? hdrs : NULL;
-    got = gw_vq_tx_burst(vq, u->area, (const uint64_t *)addrs, (uint32_t)u->frame_size, lens, k);
+    got = gw_vq_tx_burst(vq, u->area, (const uint64_t *)dst, (uint32_t)u->frame_size - room,
+                         lens, k);
     vq->hdrs = NULL;
     for (unsigned i = 0; i < k; i++) {
-        uint8_t *f = (int)i == vq->big_slot ? vq->big : u->area + addrs[i];
+        uint8_t *f = (int)i == vq->big_slot ? vq->big : u->area + dst[i];
         struct gw_net_hdr h = { 0 };
 
         if ((int)i >= got || !allowed(local, f, lens[i])) {
@@ -250,7 +275,7 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
         if (h.gso_type != GW_NET_HDR_GSO_NONE) {
             transmit_or_free(u, tx, fd, wire, wire_lens, w);
             w = 0;
-            send_gso(vq, u, tx, fd, f, lens[i], &h, local);
+            send_gso(vq, u, tx, fd, f, lens[i], &h, local, vid);
             spare[s++] = addrs[i];
             continue;
         }
@@ -264,7 +289,7 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
         }
         if (!keep_local(local, f, lens[i])) {
             wire[w] = addrs[i];
-            wire_lens[w++] = lens[i];
+            wire_lens[w++] = vid ? push_vlan(u->area + addrs[i], lens[i], vid) : lens[i];
         } else {
             spare[s++] = addrs[i];
         }

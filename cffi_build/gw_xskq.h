@@ -37,7 +37,7 @@ struct gw_umemq {
    frame with any other source MAC is dropped, so a guest cannot pose as
    another host. */
 struct gw_local {
-    const uint64_t *macs;      /* local guests' MACs, 48-bit big-endian numbers, */
+    const uint64_t *macs;      /* local guests' VID << 48 | MAC (48-bit big-endian), */
     const unsigned *nmacs;     /* ... this many: the NIC's table, shared by its queues */
     uint8_t *base;
     const uint64_t *offs;
@@ -49,6 +49,14 @@ struct gw_local {
     unsigned check_src;        /* drop frames whose source is not own_mac */
     uint64_t spoofed;          /* frames dropped for their source MAC */
     uint64_t runts;            /* frames dropped for being shorter than 14 bytes */
+    /* VLANs: the device's VLAN ID, 0 = untagged. Its frames leave tagged with it
+       (802.1Q, priority 0), and macs[] entries carry their device's VID above
+       the 48 MAC bits, so unicast stays local only within the VLAN. A guest
+       frame that carries a VLAN tag of its own (TPID 0x8100 or 0x88a8) is
+       dropped and counted, from any device: the gateway assigns VLANs, and a
+       guest must not put frames on another VLAN of the wire. */
+    unsigned vlan;
+    uint64_t tagged;           /* frames dropped for carrying their own VLAN tag */
 };
 
 /* Return completed TX frames to the pool and top up the fill ring. */

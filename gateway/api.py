@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields
 import netaddr
 
 from gateway.datapath.port import FRAME_SIZE
-from gateway.datapath.xdp_port import XdpPort
+from gateway.datapath.xdp_port import VLAN_HLEN, XdpPort
 from gateway.registry import NAME_RE, Registry
 from gateway.vhost.device import VhostDevice
 from gateway.vhost.transport import SocketInUse, VhostService, check_socket_path
@@ -57,6 +57,7 @@ class Attachment:
     socket: str = ""
     mtu: int = 1500
     allow_spoofing: bool = False  # let the guest send with source MACs not its own
+    vlan: int = 0  # 802.1Q VLAN ID 1..4094 its frames carry on the wire; 0: untagged
 
 
 def default_mac(name: str) -> str:
@@ -130,10 +131,13 @@ class Gateway:
             raise GatewayError(f"bad name {a.name!r}: use 1-32 letters, digits, '_', '.', '-'")
         if a.name in self.attached or a.name in self.pending:
             raise GatewayError(f"a device named {a.name} is already attached")
+        if not 0 <= a.vlan <= 4094:
+            raise GatewayError(f"--vlan {a.vlan} is outside 1..4094")
         a.mac = normalise_mac(a.mac or default_mac(a.name))
         for other, _, _ in self.attached.values():
-            if other.mac == a.mac:
-                raise GatewayError(f"MAC {a.mac} is already used by {other.name}")
+            if other.mac == a.mac and other.vlan == a.vlan:  # other VLANs may reuse a MAC
+                where = f"in VLAN {a.vlan}" if a.vlan else "untagged"
+                raise GatewayError(f"MAC {a.mac} is already used by {other.name} ({where})")
             if other.socket == a.socket:
                 raise GatewayError(f"socket {a.socket} is already used by {other.name}")
         if a.mode not in ("server", "client"):
@@ -147,7 +151,7 @@ class Gateway:
         if not 68 <= a.mtu <= 65535:
             raise GatewayError(f"--mtu {a.mtu} is outside 68..65535")
         try:
-            link.check_mtu(info, a.mtu, FRAME_SIZE)
+            link.check_mtu(info, a.mtu, FRAME_SIZE, tag=VLAN_HLEN if a.vlan else 0)
         except link.LinkError as e:
             raise GatewayError(str(e)) from None
         if a.mode == "server":
@@ -170,7 +174,7 @@ class Gateway:
             if nic is None:
                 nic = self.nics[a.iface] = Nic(a.iface)
             port = XdpPort(nic, a.name, a.mac, queue_pairs=a.queues, mtu=a.mtu,
-                           allow_spoofing=a.allow_spoofing)
+                           allow_spoofing=a.allow_spoofing, vlan=a.vlan)
         except (link.LinkError, XdpError, XskError, OSError) as e:
             self._drop_idle_nic(a.iface)
             raise GatewayError(f"cannot attach {a.name} to {a.iface}: {e}") from None
@@ -262,7 +266,8 @@ class Gateway:
             for reason in ("drop_no_socket", "drop_stopped", "drop_too_big"):
                 drops["xdp_" + reason.removeprefix("drop_")] = p[reason]
             for reason in ("rx_dropped", "rx_ring_full", "rx_fill_ring_empty_descs",
-                           "tx_ring_full", "tx_no_frame", "tx_spoofed", "tx_runt"):
+                           "tx_ring_full", "tx_no_frame", "tx_spoofed", "tx_runt",
+                           "tx_tagged"):
                 drops[reason] = p[reason]
             out[n] = {k: s[k] for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
                                         "broken_total")}

@@ -121,13 +121,19 @@ def daemon(run_dir: str, state_dir: str, metrics_listen: str | None, cpus: str |
 @click.option("--mtu", default=1500, show_default=True, type=int)
 @click.option("--allow-spoofing", is_flag=True,
               help="let the guest send with source MACs other than its own (default: dropped)")
+@click.option("--vlan", type=int, metavar="ID",
+              help="put the device on 802.1Q VLAN ID (1-4094): tagged on the wire, "
+                   "untagged in the guest")
 @click.option("--json", "as_json", is_flag=True, help="print the device as JSON")
 def attach(run_dir, name, iface, mac, queues, server_path, client_path, mtu, allow_spoofing,
-           as_json) -> None:
+           vlan, as_json) -> None:
     """Create device NAME on NIC IFACE and print what QEMU or libvirt need."""
     if server_path and client_path:
         fail("give --socket or --client, not both")
+    if vlan is not None and not 1 <= vlan <= 4094:
+        fail(f"--vlan {vlan} is outside 1..4094")
     args = {"name": name, "iface": iface, "mac": mac or "", "queues": queues, "mtu": mtu,
+            "vlan": vlan or 0,
             "allow_spoofing": allow_spoofing, "mode": "client" if client_path else "server",
             "socket": os.path.abspath(client_path or server_path) if (client_path or server_path)
             else ""}
@@ -135,7 +141,8 @@ def attach(run_dir, name, iface, mac, queues, server_path, client_path, mtu, all
     if as_json:
         click.echo(json.dumps(d, indent=1))
         return
-    click.echo(f"{d['name']}: attached to {d['iface']} as {d['mac']} "
+    on = f"{d['iface']} VLAN {d['vlan']}" if d.get("vlan") else d["iface"]
+    click.echo(f"{d['name']}: attached to {on} as {d['mac']} "
                f"({'we connect to' if d['mode'] == 'client' else 'listening on'} {d['socket']})")
     click.echo("\nQEMU (replace <RAM> with the guest's memory size, e.g. 1G):\n  "
                + " ".join(d["qemu_args"]))
@@ -163,8 +170,10 @@ def list_(run_dir: str, as_json: bool) -> None:
         click.echo("no devices")
     for d in devices:
         state = d["state"] + (f" ({d['reason']})" if d["reason"] else "")
+        vlan = f"  vlan {d['vlan']}" if d.get("vlan") else ""
         click.echo(f"{d['name']}: {state}\n"
-                   f"  nic {d['iface']}  mac {d['mac']}  queues {d['queues']}  mtu {d['mtu']}\n"
+                   f"  nic {d['iface']}{vlan}  mac {d['mac']}  queues {d['queues']}  "
+                   f"mtu {d['mtu']}\n"
                    f"  socket {d['socket']} ({d['mode']} mode)\n"
                    f"  xdp {d.get('xdp_mode', '-')}  af_xdp {d.get('bind_mode', '-')}\n"
                    f"  features {' '.join(d['features']) or '-'}")

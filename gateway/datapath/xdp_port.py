@@ -5,11 +5,16 @@ with q % P == p (P = the device's queue pairs), so each socket's TX and RX
 ring has exactly one worker and every NIC queue is read by someone. Each burst
 is one C call that copies between guest buffers and UMEM frames
 (cffi_build/gw_xskq.c), once per frame.
+
+A device on a VLAN (`vlan` 1..4094) is steered by (VLAN, MAC): the XDP program
+takes the tag off what it redirects, and the TX burst puts it on what leaves,
+so the guest only ever sees untagged frames.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 
 from gateway._native import ffi, lib
 from gateway.datapath.port import BURST, FRAME_SIZE, MemoryQueue
@@ -22,6 +27,7 @@ from gateway.xdp.xsk import STATS_KEYS, XskSocket
 log = logging.getLogger(__name__)
 
 Sock = tuple[QueueUmem, XskSocket]
+VLAN_HLEN = 4
 
 
 # The pump keeps polling this long after the last frame before the worker
@@ -58,6 +64,7 @@ class XdpQueue:
                                         self._local_buf.lens)
         loc.cap = self._local_buf.nframes
         loc.own_mac, loc.check_src = mac_key(port.mac), not port.allow_spoofing
+        loc.vlan = port.vlan
 
     def pump(self, txq: VirtQueue, rxq: VirtQueue) -> bool:
         """Bursts both ways in C until idle (see gw_pump_run); Python only runs
@@ -106,7 +113,7 @@ class XdpQueue:
         for i in range(0, len(frames), BURST):
             chunk = frames[i : i + BURST]
             for j, f in enumerate(chunk):
-                self._raw.put(j, f)
+                self._raw.put(j, self.port.tag(f))
             lib.gw_xsk_send(qu.native, s.tx, s.fd, self._raw.base, self._raw.offs,
                             self._raw.lens, len(chunk))
 
@@ -117,40 +124,50 @@ class XdpPort:
     offloads = True  # the C bursts complete checksums and segment GSO frames
 
     def __init__(self, nic: Nic, name: str, mac: str, *, queue_pairs: int = 1,
-                 mtu: int = 1500, allow_spoofing: bool = False) -> None:
+                 mtu: int = 1500, allow_spoofing: bool = False, vlan: int = 0) -> None:
         if not is_unicast(mac):
             raise link.LinkError(f"{mac} is not a unicast MAC address")
+        if not 0 <= vlan <= 4094:
+            raise link.LinkError(f"VLAN {vlan} is outside 1..4094")
         if not 1 <= queue_pairs <= nic.nqueues:
             raise link.LinkError(f"{queue_pairs} queue pairs asked, {nic.name} has "
                                  f"{nic.nqueues} queues")
-        self.max_frame = link.check_mtu(nic.link, mtu, FRAME_SIZE)
-        self.nic, self.name, self.mac = nic, name, mac
+        self.max_frame = link.check_mtu(nic.link, mtu, FRAME_SIZE, tag=VLAN_HLEN if vlan else 0)
+        self.nic, self.name, self.mac, self.vlan = nic, name, mac, vlan
         self.queue_pairs, self.mtu = queue_pairs, mtu
         self.allow_spoofing = allow_spoofing  # else frames from other source MACs are dropped
         self._queues: dict[int, XdpQueue] = {}
         self.slot = nic.free_slot()
         self.sockets: dict[int, Sock] = {}
-        self.filter: str | None = None
+        self.filtered = False
         self.running = False
         self.inbox = MemoryQueue()  # frames from other guests and broadcasts from the wire
         self._inbox_reader: XdpQueue | None = None
         nic.add_port(self.slot, self)
         try:
-            self.filter = link.add_mac_filter(nic.name, mac)
+            nic.add_filter(mac)
+            self.filtered = True
             for q in range(nic.nqueues):
                 self.sockets[q] = nic.socket_on(q)
                 nic.program.set_socket(self.slot, q, self.sockets[q][1].fd)
-            nic.program.set_device(self.slot, mac, self.max_frame, running=False)
+            nic.program.set_device(self.slot, mac, self.max_frame, running=False, vlan=vlan)
         except BaseException:
             self.close()
             raise
         self.mode = next(iter(self.sockets.values()))[1].mode
-        log.info("%s: on %s slot %d, MAC %s (%s), AF_XDP %s", name, nic.name, self.slot, mac,
-                 self.filter, self.mode)
+        log.info("%s: on %s slot %d, MAC %s%s (%s), AF_XDP %s", name, nic.name, self.slot, mac,
+                 f" VLAN {vlan}" if vlan else "", nic.filters[mac][0], self.mode)
 
     @property
     def max_mtu(self) -> int:
         return self.max_frame - 14
+
+    def tag(self, frame: bytes) -> bytes:
+        """`frame` as it goes on the wire: with the device's 802.1Q tag, if any
+        (what gw_xsk_from_guest does in C, for the Python slow path)."""
+        if not self.vlan or len(frame) < 14:
+            return frame
+        return frame[:12] + struct.pack("!HH", 0x8100, self.vlan) + frame[12:]
 
     def queue(self, qp: int) -> XdpQueue:
         """The same object for every worker of this queue pair, so its counters
@@ -166,7 +183,7 @@ class XdpPort:
     def set_running(self, running: bool) -> None:
         """Frames for a stopped device are dropped (and counted) by the XDP program
         rather than filling sockets nobody reads."""
-        self.nic.program.set_device(self.slot, self.mac, self.max_frame, running)
+        self.nic.program.set_device(self.slot, self.mac, self.max_frame, running, vlan=self.vlan)
         self.running = running
 
     def give(self, frame: bytes) -> None:
@@ -179,14 +196,16 @@ class XdpPort:
     def stats(self) -> dict[str, int]:
         """BPF counters of the slot, the sockets' XDP_STATISTICS (rx_ring_full and
         friends: drops the XDP program cannot see), guest frames refused for
-        their source MAC or length (tx_spoofed, tx_runt) and, for the NIC queues this
-        device sends on, TX bursts cut short for want of frames or ring room
-        (shared with the other devices on those queues)."""
+        their source MAC, length or own VLAN tag (tx_spoofed, tx_runt,
+        tx_tagged) and, for the NIC queues this device sends on, TX bursts cut
+        short for want of frames or ring room (shared with the other devices
+        on those queues)."""
         out = dict(self.nic.program.counters(self.slot))
         for key in (*STATS_KEYS, "tx_no_frame", "tx_ring_full"):
             out[key] = 0
         out["tx_spoofed"] = sum(q._local.spoofed for q in self._queues.values())
         out["tx_runt"] = sum(q._local.runts for q in self._queues.values())
+        out["tx_tagged"] = sum(q._local.tagged for q in self._queues.values())
         for _, s in self.sockets.values():
             for key, v in s.stats().items():
                 out[key] += v
@@ -198,12 +217,12 @@ class XdpPort:
 
     def close(self) -> None:
         prog = self.nic.program
-        prog.remove_device(self.slot, self.mac)  # sockets leave the map before they close
+        prog.remove_device(self.slot, self.mac, self.vlan)  # sockets leave the map first
         for qu, s in self.sockets.values():
             self.nic.release_socket(qu, s)
         self.sockets.clear()
-        if self.filter is not None:
-            link.remove_mac_filter(self.nic.name, self.mac, self.filter)
-            self.filter = None
+        if self.filtered:
+            self.nic.remove_filter(self.mac)
+            self.filtered = False
         self.nic.remove_port(self.slot)
         self.inbox.close()

@@ -219,18 +219,21 @@ def fdb_entries(ifname: str) -> list[str]:
 
 
 def check_mtu(link: LinkInfo, guest_mtu: int, frame_size: int,
-              headroom: int = XDP_PACKET_HEADROOM) -> int:
+              headroom: int = XDP_PACKET_HEADROOM, tag: int = 0) -> int:
     """Refuse a guest MTU that does not fit; returns the longest frame (MTU + Ethernet header).
 
     Two limits: the NIC's MTU, and the AF_XDP frame (`frame_size` bytes of UMEM per frame,
-    of which `headroom` is reserved in front of the packet).
+    of which `headroom` is reserved in front of the packet). `tag` is the VLAN header
+    (4) a device's frames carry on the wire: it must fit in the frame too, but not in
+    the NIC's MTU, which like Linux's counts neither it nor the Ethernet header.
     """
     if guest_mtu > link.mtu:
         raise LinkError(f"guest MTU {guest_mtu} is larger than the NIC MTU of {link.name} "
                         f"({link.mtu})")
-    room = frame_size - headroom - ETH_HLEN
+    room = frame_size - headroom - ETH_HLEN - tag
     if guest_mtu > room:
+        vlan = f" minus {tag} VLAN tag" if tag else ""
         raise LinkError(f"guest MTU {guest_mtu} is larger than the AF_XDP frame can carry: "
                         f"frame size {frame_size} minus {headroom} headroom minus {ETH_HLEN} "
-                        f"Ethernet header = {room}")
+                        f"Ethernet header{vlan} = {room}")
     return guest_mtu + ETH_HLEN

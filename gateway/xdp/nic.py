@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from gateway._native import ffi, lib
 from gateway.xdp import link
 from gateway.xdp.flood import FloodTap
-from gateway.xdp.program import XdpProgram, mac_key
+from gateway.xdp.program import XdpProgram, steer_key
 from gateway.xdp.xsk import Umem, XskSocket
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,9 @@ class Nic:
         # The guests' MACs, for the bursts to spot guest-to-guest frames (gw_local).
         self.macs = ffi.new("uint64_t[]", max_devices)
         self.nmacs = ffi.new("unsigned *")
+        # MAC -> [how the filter was added, ports using it]: two devices may share
+        # a MAC in different VLANs, and the NIC's filter holds each MAC once.
+        self.filters: dict[str, list] = {}
         try:
             self.tap = FloodTap(self.name, self.flood)
         except BaseException:
@@ -98,25 +101,46 @@ class Nic:
         self._sync_macs()
 
     def _sync_macs(self) -> None:
-        macs = [mac_key(p.mac) for p in self.slots.values()]
+        macs = [steer_key(p.mac, p.vlan) for p in self.slots.values()]
         self.nmacs[0] = 0  # bursts see a shorter table while it is rewritten, never junk
         for i, m in enumerate(macs):
             self.macs[i] = m
         self.nmacs[0] = len(macs)
 
-    def flood(self, frame: bytes, sender=None) -> None:
-        """A broadcast or multicast frame: every other running guest gets it."""
+    def add_filter(self, mac: str) -> None:
+        """Make the NIC accept unicast to `mac` (counted: one entry for all its users)."""
+        entry = self.filters.get(mac)
+        if entry is None:
+            self.filters[mac] = [link.add_mac_filter(self.name, mac), 1]
+        else:
+            entry[1] += 1
+
+    def remove_filter(self, mac: str) -> None:
+        entry = self.filters.get(mac)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.filters[mac]
+            link.remove_mac_filter(self.name, mac, entry[0])
+
+    def flood(self, frame: bytes, vlan: int = 0, sender=None) -> None:
+        """A broadcast or multicast frame (untagged, of VLAN `vlan`, 0 = untagged):
+        every other running guest of that VLAN gets it."""
         for port in list(self.slots.values()):
-            if port is not sender:
+            if port is not sender and port.vlan == vlan:
                 port.give(frame)
 
     def deliver_local(self, frames: list[bytes], sender) -> None:
         """Frames a guest sent to other guests on this NIC (the wire will not
-        bring them back): group frames to all others, unicast to its owner."""
-        by_mac = {bytes.fromhex(p.mac.replace(":", "")): p for p in self.slots.values()}
+        bring them back): group frames to all others of its VLAN, unicast to its
+        owner in that VLAN."""
+        vlan = sender.vlan
+        by_mac = {bytes.fromhex(p.mac.replace(":", "")): p for p in self.slots.values()
+                  if p.vlan == vlan}
         for f in frames:
             if f[0] & 1:
-                self.flood(f, sender)
+                self.flood(f, vlan, sender)
             else:
                 port = by_mac.get(f[:6])
                 if port is not None and port is not sender:

@@ -252,7 +252,8 @@ def stale_macs(prog_id: int) -> list[str]:
                     break  # ENOENT: no more keys
                 keys.append(nxt.value)
                 key.value, first = nxt.value, False
-            return [":".join(f"{k:012x}"[i:i + 2] for i in range(0, 12, 2)) for k in keys]
+            macs = dict.fromkeys(k & MAC_MASK for k in keys)  # one MAC may be in 2 VLANs
+            return [":".join(f"{k:012x}"[i:i + 2] for i in range(0, 12, 2)) for k in macs]
         finally:
             os.close(mfd)
     return []
@@ -271,6 +272,16 @@ def mac_key(mac: str) -> int:
     if len(hexdigits) != 12:
         raise ValueError(f"not a MAC address: {mac!r}")
     return int(hexdigits, 16)
+
+
+MAC_MASK = (1 << 48) - 1
+
+
+def steer_key(mac: str, vlan: int = 0) -> int:
+    """mac2slot's key: the VLAN ID (0 = untagged) above the MAC's 48 bits."""
+    if not 0 <= vlan <= 4094:
+        raise ValueError(f"VLAN {vlan} out of range 0..4094")
+    return vlan << 48 | mac_key(mac)
 
 
 def is_unicast(mac: str) -> bool:
@@ -397,27 +408,30 @@ class XdpProgram:
             raise ValueError(f"queue {queue} out of range 0..{self.max_queues - 1}")
         return slot * self.max_queues + queue
 
-    def set_device(self, slot: int, mac: str, max_frame: int, running: bool) -> None:
-        """Steer unicast frames to `mac` to `slot` (also used to start/stop it)."""
+    def set_device(self, slot: int, mac: str, max_frame: int, running: bool,
+                   vlan: int = 0) -> None:
+        """Steer unicast frames to `mac` (tagged with VLAN `vlan`, or untagged for 0) to
+        `slot` (also used to start/stop it); max_frame does not count the tag."""
         self._check_slot(slot)
         if not is_unicast(mac):
             raise ValueError(f"{mac} is not a unicast MAC")
         if max_frame <= 0:
             raise ValueError("max_frame must be positive")
-        key = self._mac2slot.Key(mac_key(mac))
+        key = self._mac2slot.Key(steer_key(mac, vlan))
         old = self._mac2slot.get(key)
         if old is not None and old.value != slot:
-            raise XdpError(f"MAC {mac} is already steered to slot {old.value}")
+            where = f" in VLAN {vlan}" if vlan else ""
+            raise XdpError(f"MAC {mac}{where} is already steered to slot {old.value}")
         cfg = self._devices.Leaf()
         cfg.running = 1 if running else 0
         cfg.max_frame = max_frame
         self._devices[self._devices.Key(slot)] = cfg  # configuration before the MAC
         self._mac2slot[key] = self._mac2slot.Leaf(slot)
 
-    def remove_device(self, slot: int, mac: str) -> None:
-        """Stop steering `mac`, mark the slot stopped, clear its sockets and counters."""
+    def remove_device(self, slot: int, mac: str, vlan: int = 0) -> None:
+        """Stop steering (vlan, mac), mark the slot stopped, clear its sockets and counters."""
         self._check_slot(slot)
-        key = self._mac2slot.Key(mac_key(mac))
+        key = self._mac2slot.Key(steer_key(mac, vlan))
         old = self._mac2slot.get(key)
         if old is not None and old.value == slot:
             del self._mac2slot[key]
@@ -457,4 +471,5 @@ class XdpProgram:
 
 
 __all__ = ["XdpProgram", "XdpError", "find_kernel_headers", "import_bcc", "mac_key",
-           "prog_info", "is_gateway_program", "bpf_source", "COUNTERS", "GLOBAL_COUNTERS"]
+           "steer_key", "prog_info", "is_gateway_program", "bpf_source", "COUNTERS",
+           "GLOBAL_COUNTERS"]
