@@ -118,6 +118,8 @@ class _Host:
         elif proto == 17 and len(body) >= 8 and struct.unpack("!H", body[2:4])[0] == 5000:
             self.emit(ev="udp", vid=vid, tci=tci, src=src, dst=dst, data=body[8:].hex(),
                       frame=f.hex())
+        elif proto == 6:  # recorded whole, for checks of what the gateway segmented
+            self.emit(ev="tcp", vid=vid, tci=tci, frame=f.hex())
 
     def command(self, c: dict) -> None:
         vid = c.get("vid")
