@@ -121,14 +121,19 @@ def daemon(run_dir: str, state_dir: str, metrics_listen: str | None, cpus: str |
 @click.option("--mtu", default=1500, show_default=True, type=int)
 @click.option("--allow-spoofing", is_flag=True,
               help="let the guest send with source MACs other than its own (default: dropped)")
+@click.option("--migrate-from", metavar="SRC", default="",
+              help="live migration: NAME is the destination QEMU's device for the VM now on "
+                   "device SRC (same NIC, MAC and queues); the MAC moves to NAME when the VM "
+                   "resumes there")
 @click.option("--json", "as_json", is_flag=True, help="print the device as JSON")
 def attach(run_dir, name, iface, mac, queues, server_path, client_path, mtu, allow_spoofing,
-           as_json) -> None:
+           migrate_from, as_json) -> None:
     """Create device NAME on NIC IFACE and print what QEMU or libvirt need."""
     if server_path and client_path:
         fail("give --socket or --client, not both")
     args = {"name": name, "iface": iface, "mac": mac or "", "queues": queues, "mtu": mtu,
             "allow_spoofing": allow_spoofing, "mode": "client" if client_path else "server",
+            "migrate_from": migrate_from,
             "socket": os.path.abspath(client_path or server_path) if (client_path or server_path)
             else ""}
     d = call(run_dir, "attach", **args)

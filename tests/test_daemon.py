@@ -40,7 +40,8 @@ def test_attach_list_stats_detach(env, tmp_path):
         assert "vm0: running" in listed and "VERSION_1" in listed
         stats = json.loads(d.ok("stats", "--json"))
     c = stats["devices"]["vm0"]
-    assert set(c) == {"rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "broken_total", "drops"}
+    assert set(c) == {"rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "broken_total",
+                      "log_miss", "drops"}
     assert all(isinstance(v, int) for k, v in c.items() if k != "drops")
     assert all(isinstance(v, int) for v in c["drops"].values())
     assert c["tx_packets"] == 10 and c["tx_bytes"] == 10 * 64

@@ -114,7 +114,10 @@ class XdpPort:
     """Create with everything checked first; `close()` undoes it all."""
 
     def __init__(self, nic: Nic, name: str, mac: str, *, queue_pairs: int = 1,
-                 mtu: int = 1500, allow_spoofing: bool = False) -> None:
+                 mtu: int = 1500, allow_spoofing: bool = False,
+                 migrate_from: XdpPort | None = None) -> None:
+        if migrate_from is not None:
+            _check_twin(migrate_from, nic, mac)
         if not is_unicast(mac):
             raise link.LinkError(f"{mac} is not a unicast MAC address")
         if not 1 <= queue_pairs <= nic.nqueues:
@@ -131,17 +134,27 @@ class XdpPort:
         self.running = False
         self.inbox = MemoryQueue()  # frames from other guests and broadcasts from the wire
         self._inbox_reader: XdpQueue | None = None
+        # Live migration: two ports share one MAC, the source's and the destination's.
+        # `steering` says which one the XDP program sends the MAC's frames to and
+        # which holds the MAC filter; it moves to whichever starts running last
+        # (the destination once the VM resumes there) and to the survivor on close.
+        self.twin: XdpPort | None = None
+        self.steering = migrate_from is None
         nic.add_port(self.slot, self)
         try:
-            self.filter = link.add_mac_filter(nic.name, mac)
+            if migrate_from is None:
+                self.filter = link.add_mac_filter(nic.name, mac)
             for q in range(nic.nqueues):
                 self.sockets[q] = nic.socket_on(q)
                 nic.program.set_socket(self.slot, q, self.sockets[q][1].fd)
-            nic.program.set_device(self.slot, mac, self.max_frame, running=False)
+            if migrate_from is None:
+                nic.program.set_device(self.slot, mac, self.max_frame, running=False)
         except BaseException:
             self.close()
             raise
         self.mode = next(iter(self.sockets.values()))[1].mode
+        if migrate_from is not None:
+            self.twin, migrate_from.twin = migrate_from, self
         log.info("%s: on %s slot %d, MAC %s (%s), AF_XDP %s", name, nic.name, self.slot, mac,
                  self.filter, self.mode)
 
@@ -163,8 +176,24 @@ class XdpPort:
     def set_running(self, running: bool) -> None:
         """Frames for a stopped device are dropped (and counted) by the XDP program
         rather than filling sockets nobody reads."""
-        self.nic.program.set_device(self.slot, self.mac, self.max_frame, running)
         self.running = running
+        if running and not self.steering:
+            self._take_steering()
+        elif self.steering:
+            self.nic.program.set_device(self.slot, self.mac, self.max_frame, running)
+
+    def _take_steering(self) -> None:
+        twin = self.twin
+        assert twin is not None  # only a twin starts without steering
+        self.nic.program.set_device(self.slot, self.mac, self.max_frame, self.running, take=True)
+        self.filter, twin.filter = twin.filter, None
+        self.steering, twin.steering = True, False
+        log.info("%s: MAC %s now steered here, not to %s", self.name, self.mac, twin.name)
+
+    def _take_steering_from(self, old: XdpPort) -> None:
+        self.twin = old
+        self._take_steering()
+        self.twin = None
 
     def give(self, frame: bytes) -> None:
         """A frame for this guest that did not come through its sockets."""
@@ -195,6 +224,11 @@ class XdpPort:
 
     def close(self) -> None:
         prog = self.nic.program
+        twin, self.twin = self.twin, None
+        if twin is not None:
+            twin.twin = None
+            if self.steering:  # the survivor keeps the guest reachable
+                twin._take_steering_from(self)
         prog.remove_device(self.slot, self.mac)  # sockets leave the map before they close
         for qu, s in self.sockets.values():
             self.nic.release_socket(qu, s)
@@ -204,3 +238,17 @@ class XdpPort:
             self.filter = None
         self.nic.remove_port(self.slot)
         self.inbox.close()
+
+
+def _check_twin(src: XdpPort, nic: Nic, mac: str) -> None:
+    """A migration's destination port must mirror its source exactly."""
+    if src.nic is not nic:
+        raise link.LinkError(f"{src.name} is on {src.nic.name}, not {nic.name}: a migration "
+                             "stays on one NIC")
+    if src.mac != mac:
+        raise link.LinkError(f"{src.name} has MAC {src.mac}, not {mac}")
+    if src.twin is not None:
+        raise link.LinkError(f"{src.name} is already paired with {src.twin.name} "
+                             "for a migration")
+    if not src.sockets:
+        raise link.LinkError(f"{src.name} is closed")

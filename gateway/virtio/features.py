@@ -81,6 +81,7 @@ SUPPORTED_FEATURES = mask(
     Net.CTRL_VQ,
     Net.CTRL_RX,
     Net.MQ,
+    Net.LOG_ALL,
     Net.ANY_LAYOUT,
     Net.RING_INDIRECT_DESC,
     Net.RING_EVENT_IDX,
@@ -90,6 +91,7 @@ SUPPORTED_FEATURES = mask(
 
 SUPPORTED_PROTOCOL_FEATURES = mask(
     Proto.MQ,
+    Proto.LOG_SHMFD,
     Proto.RARP,
     Proto.REPLY_ACK,
     Proto.NET_MTU,

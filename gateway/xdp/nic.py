@@ -113,7 +113,9 @@ class Nic:
     def deliver_local(self, frames: list[bytes], sender) -> None:
         """Frames a guest sent to other guests on this NIC (the wire will not
         bring them back): group frames to all others, unicast to its owner."""
-        by_mac = {bytes.fromhex(p.mac.replace(":", "")): p for p in self.slots.values()}
+        # During a migration two ports share a MAC: the one steered to wins.
+        ports = sorted(self.slots.values(), key=lambda p: getattr(p, "steering", True))
+        by_mac = {bytes.fromhex(p.mac.replace(":", "")): p for p in ports}
         for f in frames:
             if f[0] & 1:
                 self.flood(f, sender)

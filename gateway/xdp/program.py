@@ -397,8 +397,11 @@ class XdpProgram:
             raise ValueError(f"queue {queue} out of range 0..{self.max_queues - 1}")
         return slot * self.max_queues + queue
 
-    def set_device(self, slot: int, mac: str, max_frame: int, running: bool) -> None:
-        """Steer unicast frames to `mac` to `slot` (also used to start/stop it)."""
+    def set_device(self, slot: int, mac: str, max_frame: int, running: bool, *,
+                   take: bool = False) -> None:
+        """Steer unicast frames to `mac` to `slot` (also used to start/stop it).
+        `take`: the MAC may be steered elsewhere now and moves here (a live
+        migration's destination device starting)."""
         self._check_slot(slot)
         if not is_unicast(mac):
             raise ValueError(f"{mac} is not a unicast MAC")
@@ -406,7 +409,7 @@ class XdpProgram:
             raise ValueError("max_frame must be positive")
         key = self._mac2slot.Key(mac_key(mac))
         old = self._mac2slot.get(key)
-        if old is not None and old.value != slot:
+        if old is not None and old.value != slot and not take:
             raise XdpError(f"MAC {mac} is already steered to slot {old.value}")
         cfg = self._devices.Leaf()
         cfg.running = 1 if running else 0
