@@ -326,3 +326,31 @@ def test_a_new_log_replaces_the_old_one():
     c.handle(msg(Request.SET_LOG_BASE, p.log_base(2 * LOG_SIZE, 8)), [memfd(8 + 2 * LOG_SIZE)])
     assert first.mm is None and c.log.size == 2 * LOG_SIZE and c.log_version > v
     c.close()
+
+
+def test_used_ring_logged_beyond_the_log_marks_the_device_broken():
+    """log_guest_addr may lie outside guest memory, but the used ring's last
+    byte must have its bit in the log: otherwise the device refuses the ring."""
+    from gateway.datapath.port import MemoryPort
+    from gateway.vhost.device import VhostDevice
+
+    dev = VhostDevice("vm0", port=MemoryPort(), features=FEATURES | 1 << Net.LOG_ALL,
+                      protocol_features=PROTO)
+    c = VhostConnection(dev)
+    dev.attach(c)
+    try:
+        setup(c, PROTO, FEATURES | 1 << Net.LOG_ALL)
+        c.handle(msg(Request.SET_LOG_BASE, p.log_base(LOG_SIZE)), [memfd(LOG_SIZE)])
+        # the used ring of ring 0 is logged at the very end of what the log covers
+        for i, log in ((0, MEM - 6 - 8 * 16 + 1), (1, 0x1200)):
+            c.handle(msg(Request.SET_VRING_NUM, p.vring_state(i, 16)))
+            c.handle(msg(Request.SET_VRING_ADDR, p.vring_addr(
+                i, 0x7000_1000 + 0x1000 * i, 0x7000_1200 + 0x1000 * i,
+                0x7000_1100 + 0x1000 * i, flags=p.VRING_F_LOG, log=log)))
+            c.handle(msg(Request.SET_VRING_KICK, p.u64(i)), [memfd(8)])
+            c.handle(msg(Request.SET_VRING_ENABLE, p.vring_state(i, 1)))
+        with pytest.raises(ProtocolError, match="beyond the 32-byte log"):
+            c.handle(msg(Request.SET_STATUS, p.u64(0xF)))
+        assert dev.state == "broken" and "ring 0: used ring logged at 0xfff7" in dev.broken_reason
+    finally:
+        dev.detach(c)
