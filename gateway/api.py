@@ -269,6 +269,9 @@ class Gateway:
             features=vf.names(dev.negotiated_features),
             xdp_mode=port.nic.program.mode,
             bind_mode=port.mode,
+            # a live migration's two devices: which one the MAC's frames go to
+            migration_peer=port.twin.name if port.twin else None,
+            mac_steered_here=port.steering,
             qemu_args=qemu_args(a),
             libvirt_xml=libvirt_xml(a),
         )

@@ -173,6 +173,10 @@ def list_(run_dir: str, as_json: bool) -> None:
                    f"  socket {d['socket']} ({d['mode']} mode)\n"
                    f"  xdp {d.get('xdp_mode', '-')}  af_xdp {d.get('bind_mode', '-')}\n"
                    f"  features {' '.join(d['features']) or '-'}")
+        peer = d.get("migration_peer")
+        if peer:
+            where = "here" if d["mac_steered_here"] else f"to {peer}"
+            click.echo(f"  live migration with {peer}: MAC steered {where}")
 
 
 @main.command()

@@ -112,6 +112,9 @@ def test_attach_migrate_from(env):
     r = d.cli("attach", "vm2", topo.nic, "--migrate-from", "vm0")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "--migrate-from vm0: it is already paired with vm0-new" in r.stderr
+    listed = d.ok("list")  # nothing ran yet: the source keeps the MAC
+    assert "live migration with vm0-new: MAC steered here" in listed
+    assert "live migration with vm0: MAC steered to vm0" in listed
     d.ok("detach", "vm0")  # the migration done: the MAC stays with the destination
     assert "52:54:00:00:00:01" in link.fdb_entries(topo.nic)
     [left] = json.loads(d.ok("list", "--json"))["devices"]
