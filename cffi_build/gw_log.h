@@ -13,6 +13,12 @@
  * before the used index is published. QEMU clears bits concurrently, so
  * every store into the log is an atomic OR; byte-sized, so the log needs no
  * alignment and we never touch a byte past log_size.
+ *
+ * Order matters: a page is logged only after it was written. QEMU clears a
+ * bit, then copies the page; a bit we set before our write could be cleared
+ * and the page copied before the write lands, and nothing would send it
+ * again. A full cache is flushed mid-burst, so callers add a range only once
+ * its bytes are in guest memory.
  */
 #ifndef GW_LOG_H
 #define GW_LOG_H

@@ -226,20 +226,21 @@ static uint16_t avail_head(struct gw_vq *vq, uint16_t pos)
 static void used_put(struct gw_vq *vq, uint16_t pos, uint16_t id, uint32_t len)
 {
     uint8_t *e = vq->used + USED_ELEM(pos & (vq->size - 1));
-    log_used(vq, USED_ELEM(pos & (vq->size - 1)), 8);
     st32(e, id);
     st32(e + 4, len);
+    log_used(vq, USED_ELEM(pos & (vq->size - 1)), 8);
 }
 
 /* Release: the guest must see the used entries (and the data we wrote into
    its buffers) before it sees the new index. */
 static void used_publish(struct gw_vq *vq, uint16_t used_idx)
 {
-    if (used_idx != vq->used_idx)
-        log_used(vq, USED_IDX, 2);
-    log_sync(vq);           /* the log is complete before the guest sees the index */
-    if (used_idx != vq->used_idx)
+    log_sync(vq);           /* buffers and entries are logged before the guest sees them */
+    if (used_idx != vq->used_idx) {
         __atomic_store_n((uint16_t *)(vq->used + USED_IDX), used_idx, __ATOMIC_RELEASE);
+        log_used(vq, USED_IDX, 2);
+        log_sync(vq);
+    }
     vq->used_idx = used_idx;
 }
 
@@ -347,14 +348,14 @@ struct rx_writer {
     const uint8_t *frame;
     uint64_t hdr_len, total, pos;   /* pos: bytes of header ++ frame written */
     uint8_t *nb[2];                 /* host addresses of num_buffers bytes */
+    uint64_t nb_gpa[2];             /* and their GPAs, to log them once written */
     uint8_t flags;                  /* the header's flags byte */
 };
 
 static uint64_t rx_put(struct rx_writer *w, uint64_t gpa, uint64_t len)
 {
-    uint64_t n = min64(len, w->total - w->pos), done = n;
+    uint64_t n = min64(len, w->total - w->pos), done = n, start = gpa;
 
-    log_guest(w->vq, gpa, n);
     while (n) {
         uint64_t room;
         uint8_t *h = xlate(w->mem, gpa, &room);
@@ -364,9 +365,12 @@ static uint64_t rx_put(struct rx_writer *w, uint64_t gpa, uint64_t len)
             memset(h, 0, hk);
             if (w->pos == 0)
                 h[0] = w->flags;
-            for (int b = 0; b < 2; b++)
-                if (10 + (uint64_t)b >= w->pos && 10 + (uint64_t)b < w->pos + hk)
+            for (int b = 0; b < 2; b++) {
+                if (10 + (uint64_t)b >= w->pos && 10 + (uint64_t)b < w->pos + hk) {
                     w->nb[b] = h + (10 + b - w->pos);
+                    w->nb_gpa[b] = gpa + (10 + b - w->pos);
+                }
+            }
         }
         if (k > hk)
             memcpy(h + hk, w->frame + (w->pos + hk - w->hdr_len), k - hk);
@@ -374,6 +378,9 @@ static uint64_t rx_put(struct rx_writer *w, uint64_t gpa, uint64_t len)
         gpa += k;
         n -= k;
     }
+    /* After the copy: a bit set first could be cleared by QEMU's next sync
+       before our bytes land, and that page would never be sent again. */
+    log_guest(w->vq, start, done);
     return done;
 }
 
@@ -393,7 +400,7 @@ int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
 
     for (i = 0; i < n; i++) {
         struct rx_writer w = { vq, vq->mem, base + offs[i], vq->hdr_len,
-                               (uint64_t)vq->hdr_len + lens[i], 0, { NULL, NULL },
+                               (uint64_t)vq->hdr_len + lens[i], 0, { NULL, NULL }, { 0, 0 },
                                vq->rx_flags ? vq->rx_flags[i] : 0 };
         uint16_t last0 = last, used0 = used;
         int taken0 = taken, nbufs = 0, fits = 1;
@@ -440,10 +447,12 @@ int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
         }
         /* num_buffers exists with a 12-byte header; without MRG_RXBUF the
            spec wants it to be 1, which is what nbufs is then. */
-        if (w.nb[0])
-            *w.nb[0] = (uint8_t)nbufs;
-        if (w.nb[1])
-            *w.nb[1] = (uint8_t)(nbufs >> 8);
+        for (int b = 0; b < 2; b++) {
+            if (w.nb[b]) {
+                *w.nb[b] = (uint8_t)(nbufs >> (8 * b));
+                log_guest(vq, w.nb_gpa[b], 1);  /* its page may have been logged and sent already */
+            }
+        }
         packets++;
         bytes += lens[i];
     }
@@ -498,13 +507,13 @@ int gw_vq_set_notify(struct gw_vq *vq, int enable)
     if (vq->event_idx) {
         /* Kick us as soon as anything past what we have taken is added. */
         if (enable) {
-            log_used(vq, USED_ELEM(vq->size), 2);
             st16(vq->used + USED_ELEM(vq->size), vq->last_avail);
+            log_used(vq, USED_ELEM(vq->size), 2);
         }
     } else {
         uint16_t f = ld16(vq->used);
-        log_used(vq, 0, 2);
         st16(vq->used, enable ? f & ~USED_F_NO_NOTIFY : f | USED_F_NO_NOTIFY);
+        log_used(vq, 0, 2);
     }
     log_sync(vq);
     /* The flag store must be visible before we re-check avail->idx, or a

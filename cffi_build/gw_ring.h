@@ -92,7 +92,7 @@ struct gw_vq {
     uint64_t log_size;          /* bytes */
     uint64_t log_used_gpa;      /* log_guest_addr: used-ring writes are logged from here */
     uint8_t log_used;           /* VHOST_VRING_F_LOG: log used-ring writes too */
-    uint64_t log_miss;          /* out: dirty pages the log was too small for */
+    uint64_t log_miss;          /* out: page marks the log was too small for (not written) */
     uint32_t log_n;
     uint64_t log_off[GW_LOG_CACHE];
     uint8_t log_bits[GW_LOG_CACHE];

@@ -58,6 +58,9 @@ class Attachment:
     mtu: int = 1500
     allow_spoofing: bool = False  # let the guest send with source MACs not its own
     vlan: int = 0  # 802.1Q VLAN ID 1..4094 its frames carry on the wire; 0: untagged
+    # Live migration: this device is the destination of the attached device of this
+    # name (same NIC and MAC); the MAC's frames move here when the VM resumes here.
+    migrate_from: str = ""
 
 
 def default_mac(name: str) -> str:
@@ -133,10 +136,17 @@ class Gateway:
             raise GatewayError(f"a device named {a.name} is already attached")
         if not 0 <= a.vlan <= 4094:
             raise GatewayError(f"--vlan {a.vlan} is outside 1..4094")
-        a.mac = normalise_mac(a.mac or default_mac(a.name))
+        src = self._migration_source(a)
+        a.mac = normalise_mac(a.mac or (src.mac if src else default_mac(a.name)))
+        if src and a.mac != src.mac:
+            raise GatewayError(f"--migrate-from {src.name}: {src.name} has MAC {src.mac}, "
+                               f"not {a.mac} (leave --mac out to take it)")
+        if src and a.vlan != src.vlan:
+            raise GatewayError(f"--migrate-from {src.name}: {src.name} is on VLAN "
+                               f"{src.vlan or 'none'}, not {a.vlan or 'none'}")
         for other, _, _ in self.attached.values():
-            if other.mac == a.mac and other.vlan == a.vlan:  # other VLANs may reuse a MAC
-                where = f"in VLAN {a.vlan}" if a.vlan else "untagged"
+            if other.mac == a.mac and other.vlan == a.vlan and other is not src:
+                where = f"in VLAN {a.vlan}" if a.vlan else "untagged"  # other VLANs may reuse it
                 raise GatewayError(f"MAC {a.mac} is already used by {other.name} ({where})")
             if other.socket == a.socket:
                 raise GatewayError(f"socket {a.socket} is already used by {other.name}")
@@ -146,6 +156,9 @@ class Gateway:
             info = link.resolve(a.iface)
         except link.LinkError as e:
             raise GatewayError(str(e)) from None
+        if src and a.queues != src.queues:
+            raise GatewayError(f"--migrate-from {src.name}: it has {src.queues} queue pair(s), "
+                               f"not {a.queues}")
         if not 1 <= a.queues <= info.rx_queues:
             raise GatewayError(f"--queues {a.queues}: {a.iface} has {info.rx_queues} queue(s)")
         if not 68 <= a.mtu <= 65535:
@@ -161,6 +174,21 @@ class Gateway:
                 raise GatewayError(f"socket path taken: {e}") from None
         return info
 
+    def _migration_source(self, a: Attachment) -> Attachment | None:
+        """The attached device `a` is to take over in a live migration, checked."""
+        if not a.migrate_from:
+            return None
+        if a.migrate_from not in self.attached:
+            raise GatewayError(f"--migrate-from {a.migrate_from}: no such attached device")
+        src, port, _ = self.attached[a.migrate_from]
+        if src.iface != a.iface:
+            raise GatewayError(f"--migrate-from {src.name}: it is on {src.iface}, not {a.iface} "
+                               "(a migration stays on one NIC)")
+        if port.twin is not None:
+            raise GatewayError(f"--migrate-from {src.name}: it is already paired with "
+                               f"{port.twin.name}")
+        return src
+
     @_locked
     def attach(self, a: Attachment, *, save: bool = True) -> dict:
         if self.pending.get(a.name, (None,))[0] is a:  # a retry of a pending device
@@ -173,8 +201,9 @@ class Gateway:
         try:
             if nic is None:
                 nic = self.nics[a.iface] = Nic(a.iface)
+            twin = self.attached[a.migrate_from][1] if a.migrate_from else None
             port = XdpPort(nic, a.name, a.mac, queue_pairs=a.queues, mtu=a.mtu,
-                           allow_spoofing=a.allow_spoofing, vlan=a.vlan)
+                           allow_spoofing=a.allow_spoofing, vlan=a.vlan, migrate_from=twin)
         except (link.LinkError, XdpError, XskError, OSError) as e:
             self._drop_idle_nic(a.iface)
             raise GatewayError(f"cannot attach {a.name} to {a.iface}: {e}") from None
@@ -213,6 +242,9 @@ class Gateway:
 
     def _teardown(self, name: str) -> None:
         a, port, _ = self.attached.pop(name)
+        for other, _, _ in self.attached.values():
+            if other.migrate_from == name:  # the pair ends with its source
+                other.migrate_from = ""
         try:
             self.service.remove(name)
         finally:
@@ -244,6 +276,9 @@ class Gateway:
             features=vf.names(dev.negotiated_features),
             xdp_mode=port.nic.program.mode,
             bind_mode=port.mode,
+            # a live migration's two devices: which one the MAC's frames go to
+            migration_peer=port.twin.name if port.twin else None,
+            mac_steered_here=port.steering,
             qemu_args=qemu_args(a),
             libvirt_xml=libvirt_xml(a),
         )
@@ -270,7 +305,7 @@ class Gateway:
                            "tx_tagged"):
                 drops[reason] = p[reason]
             out[n] = {k: s[k] for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
-                                        "broken_total")}
+                                        "broken_total", "log_miss")}
             out[n]["drops"] = drops
             out[n]["offload"] = s["offload"]
         return {"devices": out}
@@ -301,6 +336,8 @@ class Gateway:
             return []
         done = []
         for a in saved:
+            if a.migrate_from and a.migrate_from not in self.attached:
+                a.migrate_from = ""  # the source is gone: nothing left to take over from
             try:
                 self.attach(a, save=False)
                 done.append(a.name)

@@ -124,9 +124,13 @@ def daemon(run_dir: str, state_dir: str, metrics_listen: str | None, cpus: str |
 @click.option("--vlan", type=int, metavar="ID",
               help="put the device on 802.1Q VLAN ID (1-4094): tagged on the wire, "
                    "untagged in the guest")
+@click.option("--migrate-from", metavar="SRC", default="",
+              help="live migration: NAME is the destination QEMU's device for the VM now on "
+                   "device SRC (same NIC, MAC, VLAN and queues); the MAC moves to NAME when "
+                   "the VM resumes there")
 @click.option("--json", "as_json", is_flag=True, help="print the device as JSON")
 def attach(run_dir, name, iface, mac, queues, server_path, client_path, mtu, allow_spoofing,
-           vlan, as_json) -> None:
+           vlan, migrate_from, as_json) -> None:
     """Create device NAME on NIC IFACE and print what QEMU or libvirt need."""
     if server_path and client_path:
         fail("give --socket or --client, not both")
@@ -135,6 +139,7 @@ def attach(run_dir, name, iface, mac, queues, server_path, client_path, mtu, all
     args = {"name": name, "iface": iface, "mac": mac or "", "queues": queues, "mtu": mtu,
             "vlan": vlan or 0,
             "allow_spoofing": allow_spoofing, "mode": "client" if client_path else "server",
+            "migrate_from": migrate_from,
             "socket": os.path.abspath(client_path or server_path) if (client_path or server_path)
             else ""}
     d = call(run_dir, "attach", **args)
@@ -177,6 +182,10 @@ def list_(run_dir: str, as_json: bool) -> None:
                    f"  socket {d['socket']} ({d['mode']} mode)\n"
                    f"  xdp {d.get('xdp_mode', '-')}  af_xdp {d.get('bind_mode', '-')}\n"
                    f"  features {' '.join(d['features']) or '-'}")
+        peer = d.get("migration_peer")
+        if peer:
+            where = "here" if d["mac_steered_here"] else f"to {peer}"
+            click.echo(f"  live migration with {peer}: MAC steered {where}")
 
 
 @main.command()

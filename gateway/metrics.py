@@ -31,6 +31,10 @@ class GatewayCollector:
         broken = CounterMetricFamily("gateway_device_broken",
                                      "times a guest's rings lied and the device was marked broken",
                                      labels=["device"])
+        log_miss = CounterMetricFamily("gateway_log_miss",
+                                       "guest pages written during a live migration that the "
+                                       "migration's dirty log was too small to mark",
+                                       labels=["device"])
         for dev, c in s.items():
             for key, fam in fams.items():
                 fam.add_metric([dev], c[key])
@@ -39,10 +43,12 @@ class GatewayCollector:
             for kind, v in c["offload"].items():
                 offload.add_metric([dev, kind], v)
             broken.add_metric([dev], c["broken_total"])
+            log_miss.add_metric([dev], c["log_miss"])
         yield from fams.values()
         yield drops
         yield offload
         yield broken
+        yield log_miss
 
 
 def serve_metrics(gw: Gateway, listen: str):

@@ -41,7 +41,7 @@ def test_attach_list_stats_detach(env, tmp_path):
         stats = json.loads(d.ok("stats", "--json"))
     c = stats["devices"]["vm0"]
     assert set(c) == {"rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "broken_total", "drops",
-                      "offload"}
+                      "offload", "log_miss"}
     assert all(isinstance(v, int) for k, v in c.items() if k not in ("drops", "offload"))
     assert c["offload"] == {"tx_csum": 0, "tx_gso": 0, "tx_gso_segs": 0, "rx_csum_valid": 0}
     assert all(isinstance(v, int) for v in c["drops"].values())
@@ -72,6 +72,8 @@ def test_attach_list_stats_detach(env, tmp_path):
         (["attach", "vm0", "{nic}", "--socket", "/nonexistent/dir/x.sock"], "does not exist"),
         (["attach", "vm0", "{nic}", "--socket", "{taken}"], "in use"),
         (["attach", "vm0", "{nic}", "--socket", "a", "--client", "b"], "not both"),
+        (["attach", "vm1", "{nic}", "--migrate-from", "vm0"],
+         "--migrate-from vm0: no such attached device"),
         (["detach", "nosuch"], "no device"),
         (["stats", "nosuch"], "no device"),
     ],
@@ -101,6 +103,23 @@ def test_name_and_mac_in_use(env):
     r = d.cli("attach", "vm1", topo.nic, "--mac", "52:54:00:00:00:01")
     assert r.returncode == 2 and "already used by vm0" in r.stderr
     assert len(json.loads(d.ok("list", "--json"))["devices"]) == 1
+
+
+def test_attach_migrate_from(env):
+    topo, d = env
+    d.ok("attach", "vm0", topo.nic, "--mac", "52:54:00:00:00:01")
+    dst = json.loads(d.ok("attach", "vm0-new", topo.nic, "--migrate-from", "vm0", "--json"))
+    assert dst["mac"] == "52:54:00:00:00:01" and dst["migrate_from"] == "vm0"
+    r = d.cli("attach", "vm2", topo.nic, "--migrate-from", "vm0")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "--migrate-from vm0: it is already paired with vm0-new" in r.stderr
+    listed = d.ok("list")  # nothing ran yet: the source keeps the MAC
+    assert "live migration with vm0-new: MAC steered here" in listed
+    assert "live migration with vm0: MAC steered to vm0" in listed
+    d.ok("detach", "vm0")  # the migration done: the MAC stays with the destination
+    assert "52:54:00:00:00:01" in link.fdb_entries(topo.nic)
+    [left] = json.loads(d.ok("list", "--json"))["devices"]
+    assert left["name"] == "vm0-new" and left["migrate_from"] == ""
 
 
 def test_daemon_not_running_gets_a_hint(tmp_path):

@@ -124,7 +124,10 @@ class XdpPort:
     offloads = True  # the C bursts complete checksums and segment GSO frames
 
     def __init__(self, nic: Nic, name: str, mac: str, *, queue_pairs: int = 1,
-                 mtu: int = 1500, allow_spoofing: bool = False, vlan: int = 0) -> None:
+                 mtu: int = 1500, allow_spoofing: bool = False, vlan: int = 0,
+                 migrate_from: XdpPort | None = None) -> None:
+        if migrate_from is not None:
+            _check_twin(migrate_from, nic, mac, vlan)
         if not is_unicast(mac):
             raise link.LinkError(f"{mac} is not a unicast MAC address")
         if not 0 <= vlan <= 4094:
@@ -143,18 +146,27 @@ class XdpPort:
         self.running = False
         self.inbox = MemoryQueue()  # frames from other guests and broadcasts from the wire
         self._inbox_reader: XdpQueue | None = None
+        # Live migration: two ports share one MAC, the source's and the destination's.
+        # `steering` says which one the XDP program sends the MAC's frames to and
+        # which holds the MAC filter; it moves to whichever starts running last
+        # (the destination once the VM resumes there) and to the survivor on close.
+        self.twin: XdpPort | None = None
+        self.steering = migrate_from is None
         nic.add_port(self.slot, self)
         try:
-            nic.add_filter(mac)
+            nic.add_filter(mac)  # counted: a migration's twins hold one entry between them
             self.filtered = True
             for q in range(nic.nqueues):
                 self.sockets[q] = nic.socket_on(q)
                 nic.program.set_socket(self.slot, q, self.sockets[q][1].fd)
-            nic.program.set_device(self.slot, mac, self.max_frame, running=False, vlan=vlan)
+            if migrate_from is None:
+                nic.program.set_device(self.slot, mac, self.max_frame, running=False, vlan=vlan)
         except BaseException:
             self.close()
             raise
         self.mode = next(iter(self.sockets.values()))[1].mode
+        if migrate_from is not None:
+            self.twin, migrate_from.twin = migrate_from, self
         log.info("%s: on %s slot %d, MAC %s%s (%s), AF_XDP %s", name, nic.name, self.slot, mac,
                  f" VLAN {vlan}" if vlan else "", nic.filters[mac][0], self.mode)
 
@@ -183,8 +195,25 @@ class XdpPort:
     def set_running(self, running: bool) -> None:
         """Frames for a stopped device are dropped (and counted) by the XDP program
         rather than filling sockets nobody reads."""
-        self.nic.program.set_device(self.slot, self.mac, self.max_frame, running, vlan=self.vlan)
         self.running = running
+        if running and not self.steering:
+            self._take_steering()
+        elif self.steering:
+            self.nic.program.set_device(self.slot, self.mac, self.max_frame, running,
+                                        vlan=self.vlan)
+
+    def _take_steering(self) -> None:
+        twin = self.twin
+        assert twin is not None  # only a twin starts without steering
+        self.nic.program.set_device(self.slot, self.mac, self.max_frame, self.running,
+                                    vlan=self.vlan, take=True)
+        self.steering, twin.steering = True, False
+        log.info("%s: MAC %s now steered here, not to %s", self.name, self.mac, twin.name)
+
+    def _take_steering_from(self, old: XdpPort) -> None:
+        self.twin = old
+        self._take_steering()
+        self.twin = None
 
     def give(self, frame: bytes) -> None:
         """A frame for this guest that did not come through its sockets."""
@@ -217,6 +246,11 @@ class XdpPort:
 
     def close(self) -> None:
         prog = self.nic.program
+        twin, self.twin = self.twin, None
+        if twin is not None:
+            twin.twin = None
+            if self.steering:  # the survivor keeps the guest reachable
+                twin._take_steering_from(self)
         prog.remove_device(self.slot, self.mac, self.vlan)  # sockets leave the map first
         for qu, s in self.sockets.values():
             self.nic.release_socket(qu, s)
@@ -226,3 +260,19 @@ class XdpPort:
             self.filtered = False
         self.nic.remove_port(self.slot)
         self.inbox.close()
+
+
+def _check_twin(src: XdpPort, nic: Nic, mac: str, vlan: int) -> None:
+    """A migration's destination port must mirror its source exactly."""
+    if src.nic is not nic:
+        raise link.LinkError(f"{src.name} is on {src.nic.name}, not {nic.name}: a migration "
+                             "stays on one NIC")
+    if src.mac != mac:
+        raise link.LinkError(f"{src.name} has MAC {src.mac}, not {mac}")
+    if src.vlan != vlan:
+        raise link.LinkError(f"{src.name} is on VLAN {src.vlan or 'none'}, not {vlan or 'none'}")
+    if src.twin is not None:
+        raise link.LinkError(f"{src.name} is already paired with {src.twin.name} "
+                             "for a migration")
+    if not src.sockets:
+        raise link.LinkError(f"{src.name} is closed")

@@ -93,7 +93,12 @@ class QemuGuest:
         extra_args: Sequence[str] = (),
         binary: str = QEMU,
         log_path: Path | str | None = None,
+        qmp: Path | str | None = None,
+        incoming: str | None = None,
     ) -> None:
+        """`qmp`: a unix socket path for a QMP monitor (gateway/testing/qmp.py).
+        `incoming`: a migration URI (e.g. ``unix:/path``) this QEMU waits on
+        instead of booting: the destination of a live migration."""
         if append is None:
             from gateway.testing.guest import KERNEL_CMDLINE
 
@@ -108,6 +113,8 @@ class QemuGuest:
         self.extra_args = list(extra_args)
         self.binary = binary
         self.log_path = Path(log_path) if log_path else None
+        self.qmp = Path(qmp) if qmp else None
+        self.incoming = incoming
 
         self.proc: subprocess.Popen[bytes] | None = None
         self._lines: list[str] = []
@@ -152,6 +159,10 @@ class QemuGuest:
                 "-netdev", f"vhost-user,id=n{i},chardev=c{i},queues={nic.queues}",
                 "-device", dev,
             ]  # fmt: skip
+        if self.qmp:
+            cmd += ["-qmp", f"unix:{self.qmp},server=on,wait=off"]
+        if self.incoming:
+            cmd += ["-incoming", self.incoming]
         return cmd + self.extra_args
 
     def start(self) -> QemuGuest:

@@ -237,8 +237,6 @@ class VhostConnection:
         extra = f & ~self.device.features
         if extra:
             raise Refused(f"features {vf.names(extra)} were not offered")
-        if f >> Net.LOG_ALL & 1 and self.log is None:
-            raise Refused("LOG_ALL before SET_LOG_BASE: there is no log to write to")
         running = any(r.state is RingState.STARTED for r in self.rings)
         # QEMU turns LOG_ALL on and off on running rings when a migration starts
         # and ends; any other change under running rings is refused.

@@ -91,6 +91,7 @@ SUPPORTED_FEATURES = mask(
     Net.CTRL_VQ,
     Net.CTRL_RX,
     Net.MQ,
+    Net.LOG_ALL,
     Net.ANY_LAYOUT,
     Net.RING_INDIRECT_DESC,
     Net.RING_EVENT_IDX,
@@ -106,6 +107,7 @@ OFFLOADS = mask(Net.CSUM, Net.GUEST_CSUM, Net.HOST_TSO4, Net.HOST_TSO6, Net.GUES
 
 SUPPORTED_PROTOCOL_FEATURES = mask(
     Proto.MQ,
+    Proto.LOG_SHMFD,
     Proto.RARP,
     Proto.REPLY_ACK,
     Proto.NET_MTU,

@@ -136,8 +136,10 @@ class Nic:
         bring them back): group frames to all others of its VLAN, unicast to its
         owner in that VLAN."""
         vlan = sender.vlan
-        by_mac = {bytes.fromhex(p.mac.replace(":", "")): p for p in self.slots.values()
-                  if p.vlan == vlan}
+        # During a migration two ports share a MAC: the one steered to wins.
+        ports = sorted((p for p in self.slots.values() if p.vlan == vlan),
+                       key=lambda p: getattr(p, "steering", True))
+        by_mac = {bytes.fromhex(p.mac.replace(":", "")): p for p in ports}
         for f in frames:
             if f[0] & 1:
                 self.flood(f, vlan, sender)

@@ -409,9 +409,11 @@ class XdpProgram:
         return slot * self.max_queues + queue
 
     def set_device(self, slot: int, mac: str, max_frame: int, running: bool,
-                   vlan: int = 0) -> None:
+                   vlan: int = 0, *, take: bool = False) -> None:
         """Steer unicast frames to `mac` (tagged with VLAN `vlan`, or untagged for 0) to
-        `slot` (also used to start/stop it); max_frame does not count the tag."""
+        `slot` (also used to start/stop it); max_frame does not count the tag.
+        `take`: the MAC may be steered elsewhere now and moves here (a live
+        migration's destination device starting)."""
         self._check_slot(slot)
         if not is_unicast(mac):
             raise ValueError(f"{mac} is not a unicast MAC")
@@ -419,7 +421,7 @@ class XdpProgram:
             raise ValueError("max_frame must be positive")
         key = self._mac2slot.Key(steer_key(mac, vlan))
         old = self._mac2slot.get(key)
-        if old is not None and old.value != slot:
+        if old is not None and old.value != slot and not take:
             where = f" in VLAN {vlan}" if vlan else ""
             raise XdpError(f"MAC {mac}{where} is already steered to slot {old.value}")
         cfg = self._devices.Leaf()
