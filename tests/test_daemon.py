@@ -284,15 +284,7 @@ def test_nic_down_and_up_under_a_running_device(env):
         with IPRoute() as ipr:
             ipr.link("set", index=topo.nic_index, state="up")
         assert _wait_listed(d, "vm0", lambda x: not x["reason"])["reason"] is None
-        before = topo.peer_stats()["rx_packets"]
-        frames = [bytes.fromhex("0200000000" + "99") + bytes.fromhex(
-            dev["mac"].replace(":", "")) + b"\x88\xb5" + bytes([i]) * 50 for i in range(5)]
-        fe.transmit(frames)
-        fe.wait_tx_done(5)
-        deadline = time.monotonic() + TIMEOUT
-        while topo.peer_stats()["rx_packets"] < before + 5 and time.monotonic() < deadline:
-            time.sleep(0.01)  # a kernel counter: nothing to wait on
-        assert topo.peer_stats()["rx_packets"] == before + 5
+        _five_frames_reach_the_far_host(fe, topo, dev["mac"])
     assert d.proc.poll() is None
 
 
@@ -353,12 +345,16 @@ def test_nic_deleted_under_a_running_device_comes_back_with_it(env):
     assert x["state"] == "waiting" and x["reason"] is None
     with Frontend(dev["socket"]) as fe:
         fe.connect().setup()
-        before = topo.peer_stats()["rx_packets"]
-        frames = [bytes.fromhex("020000000099") + bytes.fromhex(dev["mac"].replace(":", ""))
-                  + b"\x88\xb5" + bytes([i]) * 50 for i in range(5)]
-        fe.transmit(frames)
-        fe.wait_tx_done(5)
-        deadline = time.monotonic() + TIMEOUT
-        while topo.peer_stats()["rx_packets"] < before + 5 and time.monotonic() < deadline:
-            time.sleep(0.01)  # a kernel counter: nothing to wait on
-        assert topo.peer_stats()["rx_packets"] == before + 5
+        _five_frames_reach_the_far_host(fe, topo, dev["mac"])
+
+
+def _five_frames_reach_the_far_host(fe: Frontend, topo, mac: str) -> None:
+    before = topo.peer_stats()["rx_packets"]
+    frames = [bytes.fromhex("020000000099") + bytes.fromhex(mac.replace(":", ""))
+              + b"\x88\xb5" + bytes([i]) * 50 for i in range(5)]
+    fe.transmit(frames)
+    fe.wait_tx_done(5)
+    deadline = time.monotonic() + TIMEOUT
+    while topo.peer_stats()["rx_packets"] < before + 5 and time.monotonic() < deadline:
+        time.sleep(0.01)  # a kernel counter: nothing to wait on
+    assert topo.peer_stats()["rx_packets"] == before + 5
