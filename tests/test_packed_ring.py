@@ -26,7 +26,12 @@ from gateway.testing.packed_driver import (
     PackedRing,
     avail_flags,
 )
+from gateway.vhost import protocol as p
+from gateway.vhost.backend import VhostConnection
 from gateway.vhost.dirtylog import DirtyLog, bytes_needed
+from gateway.vhost.protocol import ProtocolError, Request
+from gateway.virtio import features as vf
+from gateway.virtio.features import Net
 from gateway.virtio.ring import (
     FrameBuffer,
     RingBroken,
@@ -540,3 +545,47 @@ def test_base_past_the_ring_is_refused():
     env = Env(size=8)
     with pytest.raises(ValueError):
         env.queue(last_avail=8)
+
+
+# --- vhost-user: SET/GET_VRING_BASE carry the wrap counter ------------------------------
+
+class _Device:
+    name = "fake"
+    features = vf.SUPPORTED_FEATURES
+    protocol_features = vf.SUPPORTED_PROTOCOL_FEATURES
+    queue_pairs = 1
+
+    def pause(self, conn, qps):
+        pass
+
+    def apply(self, conn):
+        pass
+
+
+def _msg(req, payload=b""):
+    return p.encode(req, payload, p.VERSION)
+
+
+def _packed_conn() -> VhostConnection:
+    c = VhostConnection(_Device())
+    c.handle(_msg(Request.SET_OWNER))
+    c.handle(_msg(Request.SET_FEATURES, p.u64(vf.SUPPORTED_FEATURES)))
+    assert c.acked_features >> Net.RING_PACKED & 1
+    return c
+
+
+def test_vring_base_with_wrap_counter_and_any_size():
+    c = _packed_conn()
+    c.handle(_msg(Request.SET_VRING_NUM, p.vring_state(0, 100)))     # not a power of two
+    # QEMU's form: avail state low, used state high; both position 5, wrap 1
+    c.handle(_msg(Request.SET_VRING_BASE, p.vring_state(0, 0x8005_8005)))
+    assert c.rings[0].base == 0x8005
+    out = c.handle(_msg(Request.GET_VRING_BASE, p.vring_state(0, 0)))
+    assert out[p.HEADER.size:] == p.vring_state(0, 0x8005_8005)
+
+
+def test_vring_base_past_the_ring_is_a_protocol_error():
+    c = _packed_conn()
+    c.handle(_msg(Request.SET_VRING_NUM, p.vring_state(0, 100)))
+    with pytest.raises(ProtocolError, match="packed base 100"):
+        c.handle(_msg(Request.SET_VRING_BASE, p.vring_state(0, 0x8000 | 100)))
