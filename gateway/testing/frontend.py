@@ -175,6 +175,9 @@ class Frontend:
         offered = self.get_u64(Request.GET_FEATURES)
         self.request(Request.SET_OWNER)
         want = offered if self.want is None else self.want & offered
+        # Our rings are split (vring_driver.py): like a driver without packed
+        # support, never accept RING_PACKED (packed_driver.py is tested alone).
+        want &= ~(1 << Net.RING_PACKED)
         if offered >> Net.PROTOCOL_FEATURES & 1:
             proto = self.get_u64(Request.GET_PROTOCOL_FEATURES)
             if self.want_protocol is not None:
