@@ -589,3 +589,53 @@ def test_vring_base_past_the_ring_is_a_protocol_error():
     c.handle(_msg(Request.SET_VRING_NUM, p.vring_state(0, 100)))
     with pytest.raises(ProtocolError, match="packed base 100"):
         c.handle(_msg(Request.SET_VRING_BASE, p.vring_state(0, 0x8000 | 100)))
+
+
+# --- the device's ring geometry checks (device.py _vq) -------------------------------------
+
+QVA = 0x7000_0000
+GPA = 0x4000_0000
+
+
+@pytest.fixture
+def packed_device():
+    from gateway.datapath.port import MemoryPort
+    from gateway.registry import Registry
+
+    port = MemoryPort()
+    dev = Registry().create("pk0", port)
+    c = VhostConnection(dev)
+    c.handle(_msg(Request.SET_OWNER))
+    c.handle(_msg(Request.SET_FEATURES, p.u64(dev.features)))
+    fd = os.memfd_create("guest", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 1 << 20)
+    c.handle(_msg(Request.SET_MEM_TABLE, p.mem_table([p.Region(GPA, 1 << 20, QVA, 0)])), [fd])
+    c.handle(_msg(Request.SET_VRING_NUM, p.vring_state(0, 100)))
+    c.handle(_msg(Request.SET_VRING_BASE, p.vring_state(0, 0x8000)))
+    yield dev, c
+    c.close()
+    port.close()
+
+
+def _addr(c, desc, driver, device):
+    c.handle(_msg(Request.SET_VRING_ADDR, p.vring_addr(0, desc, device, driver)))
+
+
+def test_device_maps_packed_ring_parts_and_logs_descriptors_by_gpa(packed_device):
+    dev, c = packed_device
+    _addr(c, QVA + 0x1000, QVA + 0x1000 + 1600, QVA + 0x1000 + 1604)
+    vq = dev._vq(c, 0)
+    assert vq.native.packed == 1 and vq.native.desc_gpa == GPA + 0x1000
+    assert vq.last_avail == 0x8000 and vq.pending() == 0
+
+
+@pytest.mark.parametrize("desc, driver, device, why", [
+    (0x1008, 0x2000, 0x2004, "desc address .* is misaligned"),
+    (0x1000, 0x2002, 0x2004, "avail address .* is misaligned"),
+    (0x1000, 0x2000, 0x1000 + 1596, "overlaps the desc ring"),   # device area in the ring
+])
+def test_device_refuses_bad_packed_geometry(packed_device, desc, driver, device, why):
+    dev, c = packed_device
+    _addr(c, QVA + desc, QVA + driver, QVA + device)
+    with pytest.raises(ProtocolError, match=why):
+        dev._vq(c, 0)
