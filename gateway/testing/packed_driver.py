@@ -215,14 +215,14 @@ class PackedRing:
 
     # --- reaping ----------------------------------------------------------------
 
-    def _is_used(self, pos: int) -> bool:
+    def is_used(self, pos: int) -> bool:
         flags = self._u16(self.desc_gpa + 16 * pos + 14)
         return bool(flags & F_AVAIL) == bool(self.used_wrap) == bool(flags & F_USED)
 
     def poll_used(self) -> list[tuple[int, int]]:
         """Reap used descriptors as (id, len) and free their ids and slots."""
         out = []
-        while self._is_used(self.last_used):
+        while self.is_used(self.last_used):
             _, length, id_, _ = self.read_desc(self.last_used)
             out.append((id_, length))
             chain = self._chains.pop(id_, None)
