@@ -639,3 +639,47 @@ def test_device_refuses_bad_packed_geometry(packed_device, desc, driver, device,
     _addr(c, QVA + desc, QVA + driver, QVA + device)
     with pytest.raises(ProtocolError, match=why):
         dev._vq(c, 0)
+
+
+# --- offloads ride the shared burst loop -----------------------------------------------
+
+def vnet(flags=0, gso_type=0, hdr_len=0, gso_size=0, start=0, off=0) -> bytes:
+    return struct.pack("<BBHHHHH", flags, gso_type, hdr_len, gso_size, start, off, 0)
+
+
+def test_tx_captures_headers_and_one_gso_frame_per_burst_in_big():
+    env = Env(size=64)
+    big = ffi.new("uint8_t[]", 65536 + 256)
+    hdrs = ffi.new("uint8_t[]", 12 * 8)
+    n = env.vq.native
+    n.big, n.big_cap, n.hdrs = big, 65536 + 256, hdrs
+    small, big1, big2 = frame(100, 1), frame(40000, 2), frame(50000, 3)
+    for h, f in ((vnet(), small), (vnet(1, 1, 66, 1448, 34, 16), big1),
+                 (vnet(1, 4, 86, 1448, 54, 16), big2), (vnet(), frame(6000, 4)),
+                 (vnet(), small)):
+        data = h + f
+        env.drv.add_out([data[i : i + SLOT] for i in range(0, len(data), SLOT)])
+    buf = FrameBuffer(8, SLOT)
+    assert env.vq.tx_burst(buf) == 2                   # small, big1; then the burst stops
+    assert n.big_slot == 1 and buf.lens[1] == len(big1)
+    assert bytes(ffi.buffer(big, len(big1))) == big1 and buf.frame(0) == small
+    assert bytes(ffi.buffer(hdrs + 12, 12)) == vnet(1, 1, 66, 1448, 34, 16)
+    assert env.vq.tx_burst(buf) == 1 and n.big_slot == 0
+    assert bytes(ffi.buffer(big, len(big2))) == big2
+    assert bytes(ffi.buffer(hdrs, 12)) == vnet(1, 4, 86, 1448, 54, 16)
+    assert env.vq.tx_burst(buf) == 1 and n.big_slot == -1 and buf.frame(0) == small
+    assert n.drop_too_big == 1
+    assert len(env.drv.poll_used()) == 5               # every chain returned, in order
+
+
+def test_rx_writes_the_flags_byte_it_is_given():
+    env = Env()
+    frames = [frame(60, 1), frame(70, 2)]
+    for _ in frames:
+        env.drv.add_in()
+    flags = ffi.new("uint8_t[]", [2, 0])               # DATA_VALID on the first only
+    env.vq.native.rx_flags = flags
+    assert env.vq.rx_burst(rx_buf(frames), 0, 2) == 2
+    env.vq.native.rx_flags = ffi.NULL
+    got = [env.drv.read_in(i, n) for i, n in env.drv.poll_used()]
+    assert [g[0] for g in got] == [2, 0] and [g[12:] for g in got] == frames
