@@ -9,8 +9,9 @@
  *     "available in our wrap" (AVAIL bit == wrap, USED bit != wrap), read
  *     with acquire; the chain's further descriptors must say so too, or the
  *     guest lied (GW_E_WRAP), and its last one carries the buffer id (< size,
- *     GW_E_BUF_ID). An indirect table holds plain descriptors used in order;
- *     NEXT is ignored there and INDIRECT is nesting.
+ *     GW_E_BUF_ID). An indirect descriptor stands alone (2.8.21: never in a
+ *     NEXT list); its table holds plain descriptors used in order, NEXT
+ *     ignored there and INDIRECT refused as nesting (only WRITE is valid).
  *   - until the burst publishes, every descriptor it took is still ours:
  *     a burst takes at most size of them (more is GW_E_CHAIN_LOOP), and its
  *     used elements wait in vq->shadow. Publishing writes them over the ring
@@ -122,6 +123,8 @@ static int packed_chain_next(struct chain *c, struct desc *d)
                     why = IND_NOT_NEGOTIATED;
                 else if (p.flags & DESC_F_NEXT)
                     why = IND_WITH_NEXT;
+                else if (c->ndesc > 1)
+                    why = IND_IN_CHAIN;     /* the spec forbids it in a NEXT list */
                 else if (p.len == 0 || p.len % 16 || p.len / 16 > MAX_INDIRECT)
                     why = IND_BAD_LEN;
                 if (why)

@@ -34,6 +34,7 @@
 #define IND_NESTED 2
 #define IND_WITH_NEXT 3
 #define IND_BAD_LEN 4
+#define IND_IN_CHAIN 5      /* packed: an indirect descriptor after others (2.8.21) */
 
 /* Ring layout offsets (virtio 1.x, 2.7). */
 #define AVAIL_IDX 2

@@ -510,6 +510,15 @@ def test_indirect_bad_len(table_len):
     assert_broken(env, lib.GW_E_INDIRECT, detail=4 << 32 | table_len)
 
 
+def test_indirect_after_direct_descriptors_in_a_chain():
+    env = Env(indirect=True)
+    table = slot(env, 0)
+    struct.pack_into("<QIHH", env.map, table, slot(env, 1), 64, 0, 0)
+    env.drv.post([(slot(env, 2), 64, 0, F_NEXT), (table, 16, 0, F_INDIRECT)])
+    assert_broken(env, lib.GW_E_INDIRECT, detail=5 << 32 | 16)
+    assert "alone" in env.vq.error_text
+
+
 def test_indirect_entry_outside_memory():
     env = indirect_env([(BUF_GPA + SLOT, 64, 0), (MEM, 8, 0)])
     assert_broken(env, lib.GW_E_DESC_ADDR, detail=MEM)

@@ -56,6 +56,7 @@ _INDIRECT_WHY = {
     2: "nested indirect table",
     3: "INDIRECT together with NEXT",
     4: "indirect table len not a non-zero multiple of 16 (at most 1024 entries)",
+    5: "indirect descriptor at the end of a packed chain (allowed only alone)",
 }
 
 
