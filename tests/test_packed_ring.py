@@ -630,6 +630,14 @@ def _addr(c, desc, driver, device):
     c.handle(_msg(Request.SET_VRING_ADDR, p.vring_addr(0, desc, device, driver)))
 
 
+def test_size_taken_as_packed_then_features_changed_to_split(packed_device):
+    dev, c = packed_device
+    _addr(c, QVA + 0x1000, QVA + 0x2000, QVA + 0x2004)
+    c.handle(_msg(Request.SET_FEATURES, p.u64(dev.features & ~(1 << Net.RING_PACKED))))
+    with pytest.raises(ProtocolError, match="size 100 is not a power of two"):
+        dev._vq(c, 0)
+
+
 def test_device_maps_packed_ring_parts_and_logs_descriptors_by_gpa(packed_device):
     dev, c = packed_device
     _addr(c, QVA + 0x1000, QVA + 0x1000 + 1600, QVA + 0x1000 + 1604)

@@ -25,7 +25,7 @@ from gateway.vhost.memory import MemoryTableError
 from gateway.vhost.protocol import VRING_F_LOG, ProtocolError
 from gateway.virtio import features as vf
 from gateway.virtio.features import Net
-from gateway.virtio.ring import VirtQueue, ring_aligns, ring_sizes
+from gateway.virtio.ring import VirtQueue, ring_aligns, ring_sizes, valid_size
 
 if TYPE_CHECKING:
     from gateway.registry import Registry
@@ -220,6 +220,9 @@ class VhostDevice:
         # Packed: SET_VRING_ADDR's desc/avail/used are the descriptor ring and
         # the driver and device event areas.
         packed = bool(acked >> Net.RING_PACKED & 1)
+        if not valid_size(size, packed):
+            # a size taken while packed was negotiated, then features changed
+            raise ProtocolError(f"ring {index}: size {size} is not a power of two")
         hosts, spans = {}, []
         for what, qva, align, length in zip(
             ("desc", "avail", "used"),
