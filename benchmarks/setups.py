@@ -85,4 +85,5 @@ def serve_testpmd(topo, queue_pairs: int = 1) -> Iterator[str]:
         yield sock
 
 
-SERVERS = {"gateway": serve_gateway, "testpmd": serve_testpmd}
+# gateway-packed: the same server; only the guest's rings differ (bench.guest)
+SERVERS = {"gateway": serve_gateway, "gateway-packed": serve_gateway, "testpmd": serve_testpmd}

@@ -1,5 +1,6 @@
 /*
- * Device side of a virtio 1.x split ring (see gw_ring.h for the contract).
+ * Device side of a virtio 1.x split or packed ring (see gw_ring.h for the
+ * contract; the packed layout's halves are in gw_packed.h).
  *
  * Little-endian x86 host only: ring fields are read and written as native
  * integers. Everything read from the guest is copied into a local first and
@@ -33,6 +34,7 @@
 #define IND_NESTED 2
 #define IND_WITH_NEXT 3
 #define IND_BAD_LEN 4
+#define IND_IN_CHAIN 5      /* packed: an indirect descriptor after others (2.8.21) */
 
 /* Ring layout offsets (virtio 1.x, 2.7). */
 #define AVAIL_IDX 2
@@ -135,7 +137,16 @@ struct chain {
     uint32_t count;         /* entries read from the current table */
     uint8_t more;           /* idx is valid: the previous desc had NEXT */
     uint8_t in_indirect;
+    uint16_t head;          /* what the used element names: split head, packed buffer id */
+    /* packed only (gw_packed.h) */
+    uint16_t pos;           /* next ring descriptor */
+    uint8_t wrap;           /* its wrap counter */
+    uint8_t first;          /* pos is the head, whose flags were checked */
+    uint32_t ndesc;         /* ring descriptors read */
+    uint32_t limit;         /* ring descriptors this chain may take */
 };
+
+static int packed_chain_next(struct chain *c, struct desc *d);
 
 static int chain_start(struct chain *c, struct gw_vq *vq, uint16_t head)
 {
@@ -148,6 +159,7 @@ static int chain_start(struct chain *c, struct gw_vq *vq, uint16_t head)
     c->count = 0;
     c->more = 1;
     c->in_indirect = 0;
+    c->head = head;
     return 0;
 }
 
@@ -158,6 +170,8 @@ static int chain_next(struct chain *c, struct desc *d)
 {
     struct gw_vq *vq = c->vq;
 
+    if (vq->packed)
+        return packed_chain_next(c, d);
     for (;;) {
         if (!c->more)
             return 0;
@@ -244,10 +258,83 @@ static void used_publish(struct gw_vq *vq, uint16_t used_idx)
     vq->used_idx = used_idx;
 }
 
+/* virtio 2.7.10: has new_idx passed event since we were at old? */
+static int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
+{
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
+
+/* ---- layout primitives: the burst loops see only these ---------------- */
+
+/* A burst's position, committed to the vq only at its end, so that an RX
+   frame that runs out of buffers can go back to where it began. */
+struct cursor {
+    uint16_t avail;             /* next chain to take */
+    uint16_t used;              /* next used slot */
+    uint8_t avail_wrap;         /* packed only */
+    uint8_t used_wrap;
+    int left;                   /* split: entries of this burst's avail snapshot not taken */
+    uint32_t ndesc;             /* packed: ring descriptors taken this burst */
+    uint32_t nshadow;           /* packed: used elements waiting in vq->shadow */
+};
+
+#include "gw_packed.h"
+
+static int cursor_begin(struct gw_vq *vq, struct cursor *cur)
+{
+    cur->avail = vq->last_avail;
+    cur->used = vq->used_idx;
+    cur->avail_wrap = vq->avail_wrap;
+    cur->used_wrap = vq->used_wrap;
+    cur->ndesc = 0;
+    cur->nshadow = 0;
+    cur->left = 0;
+    if (vq->packed)
+        return pk_pos_ok(vq);
+    cur->left = avail_count(vq);                /* one snapshot per burst */
+    return cur->left < 0 ? -1 : 0;
+}
+
+/* Points c at the next available chain without taking it: 1, or 0 when the
+   guest has none, -1 when it lied. */
+static int cursor_chain(struct gw_vq *vq, struct cursor *cur, struct chain *c)
+{
+    if (vq->packed)
+        return packed_chain_start(c, vq, cur);
+    if (!cur->left)
+        return 0;
+    return chain_start(c, vq, avail_head(vq, cur->avail)) < 0 ? -1 : 1;
+}
+
+/* Takes the chain c walked to its end; the guest gets it back used, with
+   len bytes written, when the burst commits. */
+static void cursor_take(struct gw_vq *vq, struct cursor *cur, const struct chain *c, uint32_t len)
+{
+    if (vq->packed) {
+        packed_take(vq, cur, c, len);
+        return;
+    }
+    used_put(vq, cur->used++, c->head, len);
+    cur->avail++;
+    cur->left--;
+}
+
+static void cursor_commit(struct gw_vq *vq, const struct cursor *cur)
+{
+    if (vq->packed) {
+        packed_publish(vq, cur);
+        return;
+    }
+    vq->last_avail = cur->avail;
+    used_publish(vq, cur->used);
+}
+
 int gw_vq_pending(struct gw_vq *vq)
 {
     if (vq->error)
         return -1;
+    if (vq->packed)
+        return packed_pending(vq);
     return avail_count(vq);
 }
 
@@ -256,13 +343,11 @@ int gw_vq_pending(struct gw_vq *vq)
 int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
                    uint32_t cap, uint32_t *lens, unsigned n)
 {
-    if (vq->error)
-        return -1;
-    int avail = avail_count(vq);                /* one snapshot per burst */
-    if (avail < 0)
+    struct cursor cur;
+
+    if (vq->error || cursor_begin(vq, &cur) < 0)
         return -1;
 
-    uint16_t last = vq->last_avail, used = vq->used_idx;
     unsigned got = 0;
     uint64_t bytes = 0, too_big = 0, short_ = 0;
     int big_used = 0;
@@ -270,8 +355,7 @@ int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
     vq->big_slot = -1;
     /* Dropped chains use no output slot, so stop on either limit; after a
        frame in big, stop too: big holds one per burst. */
-    for (int taken = 0; taken < avail && got < n && !big_used; taken++) {
-        uint16_t head = avail_head(vq, last);
+    while (got < n && !big_used) {
         struct chain c;
         struct desc d;
         uint64_t skip = vq->hdr_len, flen = 0, room = cap;
@@ -279,10 +363,13 @@ int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
         uint8_t *hdr = vq->hdrs ? vq->hdrs + 12 * (size_t)got : NULL;
         int r;
 
+        if ((r = cursor_chain(vq, &cur, &c)) <= 0) {
+            if (r < 0)
+                return -1;
+            break;
+        }
         if (hdr)
             memset(hdr, 0, 12);
-        if (chain_start(&c, vq, head) < 0)
-            return -1;
         /* Walk the whole chain even past cap, so every chain we hand back
            was fully checked. The header may span descriptors (ANY_LAYOUT). */
         while ((r = chain_next(&c, &d)) > 0) {
@@ -312,8 +399,7 @@ int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
         if (r < 0)
             return -1;
 
-        used_put(vq, used++, head, 0);          /* TX used len: nothing written */
-        last++;
+        cursor_take(vq, &cur, &c, 0);           /* TX used len: nothing written */
         if (flen > room) {
             too_big++;
         } else if (flen == 0) {
@@ -328,8 +414,7 @@ int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
         }
     }
 
-    vq->last_avail = last;
-    used_publish(vq, used);
+    cursor_commit(vq, &cur);
     vq->packets += got;
     vq->bytes += bytes;
     vq->drop_too_big += too_big;
@@ -387,14 +472,11 @@ static uint64_t rx_put(struct rx_writer *w, uint64_t gpa, uint64_t len)
 int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
                    const uint32_t *lens, unsigned n)
 {
-    if (vq->error)
-        return -1;
-    int avail = avail_count(vq);                /* one snapshot per burst */
-    if (avail < 0)
+    struct cursor cur;
+
+    if (vq->error || cursor_begin(vq, &cur) < 0)
         return -1;
 
-    uint16_t last = vq->last_avail, used = vq->used_idx;
-    int taken = 0;
     unsigned i;
     uint64_t packets = 0, bytes = 0, too_big = 0;
 
@@ -402,26 +484,23 @@ int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
         struct rx_writer w = { vq, vq->mem, base + offs[i], vq->hdr_len,
                                (uint64_t)vq->hdr_len + lens[i], 0, { NULL, NULL }, { 0, 0 },
                                vq->rx_flags ? vq->rx_flags[i] : 0 };
-        uint16_t last0 = last, used0 = used;
-        int taken0 = taken, nbufs = 0, fits = 1;
+        struct cursor cur0 = cur;
+        int nbufs = 0, fits = 1;
 
         while (w.pos < w.total) {
-            if (taken == avail) {
-                /* Out of guest buffers mid-frame: forget this frame's chains
-                   (nothing of it is published) and retry it next burst. */
-                last = last0;
-                used = used0;
-                taken = taken0;
-                goto out;
-            }
-            uint16_t head = avail_head(vq, last);
             struct chain c;
             struct desc d;
             uint64_t wrote = 0;
-            int r;
+            int r = cursor_chain(vq, &cur, &c);
 
-            if (chain_start(&c, vq, head) < 0)
+            if (r < 0)
                 return -1;
+            if (r == 0) {
+                /* Out of guest buffers mid-frame: forget this frame's chains
+                   (nothing of it is published) and retry it next burst. */
+                cur = cur0;
+                goto out;
+            }
             while ((r = chain_next(&c, &d)) > 0) {
                 if (!(d.flags & DESC_F_WRITE))
                     return fail(vq, GW_E_DIRECTION, d.flags);
@@ -436,9 +515,7 @@ int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
                 fits = 0;
                 break;
             }
-            used_put(vq, used++, head, (uint32_t)wrote);
-            last++;
-            taken++;
+            cursor_take(vq, &cur, &c, (uint32_t)wrote);
             nbufs++;
         }
         if (!fits) {
@@ -457,8 +534,7 @@ int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
         bytes += lens[i];
     }
 out:
-    vq->last_avail = last;
-    used_publish(vq, used);
+    cursor_commit(vq, &cur);
     vq->packets += packets;
     vq->bytes += bytes;
     vq->drop_too_big += too_big;
@@ -467,16 +543,12 @@ out:
 
 /* ---- notifications ----------------------------------------------------- */
 
-/* virtio 2.7.10: has new_idx passed event since we were at old? */
-static int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
-{
-    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
-}
-
 int gw_vq_call(struct gw_vq *vq)
 {
     if (vq->error)
         return -1;
+    if (vq->packed)
+        return packed_call(vq);
     uint16_t now = vq->used_idx, old = vq->signalled_used;
     int valid = vq->signalled_valid, need;
 
@@ -504,6 +576,8 @@ int gw_vq_set_notify(struct gw_vq *vq, int enable)
 {
     if (vq->error)
         return -1;
+    if (vq->packed)
+        return packed_set_notify(vq, enable);
     if (vq->event_idx) {
         /* Kick us as soon as anything past what we have taken is added. */
         if (enable) {

@@ -22,6 +22,8 @@
 #define GW_E_DESC_ADDR 5     /* addr/len not inside guest memory */
 #define GW_E_INDIRECT 6      /* bad indirect table: nested, NEXT with INDIRECT, len not n*16, too long, not negotiated */
 #define GW_E_DIRECTION 7     /* device-writable desc on a TX queue, or read-only on RX */
+#define GW_E_BUF_ID 8        /* packed: buffer id of a chain's last descriptor >= size */
+#define GW_E_WRAP 9          /* packed: a later descriptor of a chain not available in this wrap */
 
 /* Dirty-log bytes a burst collects before it ORs them into the log (gw_log.h). */
 #define GW_LOG_CACHE 32
@@ -31,6 +33,13 @@ struct gw_region {
     uint64_t size;      /* bytes */
     uint64_t qva;       /* frontend-virtual start */
     uint8_t *host;      /* where it is mapped here (mmap base + mmap_offset) */
+};
+
+/* Packed ring: a used element waiting in gw_vq.shadow until the burst publishes. */
+struct gw_used_elem {
+    uint16_t id;
+    uint16_t ndesc;             /* ring descriptors the chain took */
+    uint32_t len;
 };
 
 struct gw_mem {
@@ -96,6 +105,20 @@ struct gw_vq {
     uint32_t log_n;
     uint64_t log_off[GW_LOG_CACHE];
     uint8_t log_bits[GW_LOG_CACHE];
+
+    /* Packed ring (VIRTIO_F_RING_PACKED, gw_packed.h). Python sets these while
+       the queue is stopped. desc is then the descriptor ring, avail the driver
+       event area, used the device event area; last_avail and used_idx are ring
+       positions (< size, which need not be a power of two) with their wrap
+       counters here. shadow has size entries: a burst's used elements wait
+       there, so an RX frame that runs out of buffers takes back its chains
+       with nothing written. Used descriptors are logged at desc_gpa + 16 * pos. */
+    uint8_t packed;
+    uint8_t avail_wrap;
+    uint8_t used_wrap;
+    uint8_t signalled_wrap;
+    uint64_t desc_gpa;
+    struct gw_used_elem *shadow;
 };
 
 /* Guest TX -> caller buffers. Pops up to n chains; frame i (header stripped)
@@ -124,5 +147,6 @@ int gw_vq_set_notify(struct gw_vq *vq, int enable);
    while logging). Returns 0, or -1 if some page was beyond the log. */
 int gw_vq_log_write(struct gw_vq *vq, uint64_t gpa, uint64_t len);
 
-/* Number of avail entries not yet taken (0..size), -1 if broken. */
+/* Number of avail entries not yet taken (0..size), -1 if broken. A packed
+   ring says only whether a chain is waiting (0 or 1). */
 int gw_vq_pending(struct gw_vq *vq);

@@ -21,7 +21,7 @@ def test_benchmark_short_mode_writes_results(tmp_path):
     results = json.loads(out.read_text())["results"]
     seen = {(x["setup"], x["direction"], x["queues"]) for x in results}
     for direction in ("guest->wire", "wire->guest"):
-        assert {(s, direction, 1) for s in ("gateway", "testpmd", "raw")} <= seen
+        assert {(s, direction, 1) for s in ("gateway", "gateway-packed", "testpmd", "raw")} <= seen
         assert {(s, direction, 2) for s in ("gateway", "raw")} <= seen
     for x in results:
         assert x["mpps"] > 0 and x["min_mpps"] <= x["mpps"] <= x["max_mpps"]

@@ -442,11 +442,13 @@ def test_lie_breaks_only_the_liar(rig, lie):
     fe = connect_guest(rig.bad_socket)
     try:
         exercise(rig, fe, "pre", rx=False)  # the device works before the lie
+        # before the lie is written: a worker still polling after "pre" (a
+        # loaded machine) may find it before the kick, and log at once
+        log_from = len(rig.log.lines)
         lie.write(fe)
         snapshot = guest_bytes(fe)
         used = [r.used_idx for r in fe.rings]
         bad_frames = rig.far.count(rig.bad_mac)
-        log_from = len(rig.log.lines)
         lie.fire(fe, rig.far, rig.bad_mac)
         wait_broken(fe, lie)
 

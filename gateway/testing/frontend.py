@@ -19,6 +19,7 @@ import struct
 import threading
 import time
 
+from gateway.testing.packed_driver import EVENT_DESC, PackedRing
 from gateway.testing.vring_driver import DriverRing
 from gateway.vhost import protocol as p
 from gateway.vhost._state import (
@@ -55,6 +56,7 @@ class Frontend:
         add_mem_reg: bool = False,
         server: bool = False,
         timeout: float = 5.0,
+        packed: bool = False,
     ) -> None:
         self.path = path
         self.queue_pairs = queue_pairs
@@ -66,12 +68,13 @@ class Frontend:
         self.add_mem_reg = add_mem_reg
         self.server = server
         self.timeout = timeout
+        self.packed = packed
         self.sock: socket.socket | None = None
         self._listener: socket.socket | None = None
         self.memfd = os.memfd_create("gw-guest", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, mem_size)
         self.mem = mmap.mmap(self.memfd, mem_size)
-        self.rings: list[DriverRing] = []
+        self.rings: list[DriverRing | PackedRing] = []
         self.kicks: list[int] = []
         self.calls: list[int] = []
         self.errs: list[int] = []
@@ -175,6 +178,12 @@ class Frontend:
         offered = self.get_u64(Request.GET_FEATURES)
         self.request(Request.SET_OWNER)
         want = offered if self.want is None else self.want & offered
+        # Split rings (vring_driver.py) unless asked for packed ones
+        # (packed_driver.py): then RING_PACKED must be offered.
+        if not self.packed:
+            want &= ~(1 << Net.RING_PACKED)
+        elif not want >> Net.RING_PACKED & 1:
+            raise FrontendError("packed rings wanted, RING_PACKED not offered")
         if offered >> Net.PROTOCOL_FEATURES & 1:
             proto = self.get_u64(Request.GET_PROTOCOL_FEATURES)
             if self.want_protocol is not None:
@@ -207,18 +216,27 @@ class Frontend:
             regions = self.regions()
             self.request(Request.SET_MEM_TABLE, p.mem_table(regions), [self.memfd] * len(regions))
 
-    def _new_ring(self, i: int) -> DriverRing:
-        return DriverRing(self.mem, self._ring_gpas[i], self.queue_size, self._buf_gpas[i],
-                          BUF_SIZE, event_idx=bool(self.features >> Net.RING_EVENT_IDX & 1))
+    def _new_ring(self, i: int) -> DriverRing | PackedRing:
+        kind = PackedRing if self.features >> Net.RING_PACKED & 1 else DriverRing
+        return kind(self.mem, self._ring_gpas[i], self.queue_size, self._buf_gpas[i],
+                    BUF_SIZE, event_idx=bool(self.features >> Net.RING_EVENT_IDX & 1))
 
-    def start_ring(self, i: int, base: int = 0) -> None:
+    def start_ring(self, i: int, base: int | None = None) -> None:
         ring = self.rings[i]
         self.request(Request.SET_VRING_CALL, p.u64(i), [self.calls[i]])
         self.request(Request.SET_VRING_ERR, p.u64(i), [self.errs[i]])
         self.request(Request.SET_VRING_NUM, p.vring_state(i, self.queue_size))
+        if isinstance(ring, PackedRing):
+            # position 0 with wrap counter 1; descriptor ring, device and
+            # driver event areas in SET_VRING_ADDR's desc/used/avail
+            base = 1 << 15 if base is None else base
+            used, avail = ring.device_gpa, ring.driver_gpa
+        else:
+            base = 0 if base is None else base
+            used, avail = ring.used_gpa, ring.avail_gpa
         self.request(Request.SET_VRING_BASE, p.vring_state(i, base))
         self.request(Request.SET_VRING_ADDR, p.vring_addr(
-            i, self.qva(ring.desc_gpa), self.qva(ring.used_gpa), self.qva(ring.avail_gpa)))
+            i, self.qva(ring.desc_gpa), self.qva(used), self.qva(avail)))
         self.request(Request.SET_VRING_KICK, p.u64(i), [self.kicks[i]])
         if self.features >> Net.PROTOCOL_FEATURES & 1:
             self.request(Request.SET_VRING_ENABLE, p.vring_state(i, 1))
@@ -307,7 +325,13 @@ class Frontend:
                 return out
             if frames is not None and self._frames_in(ring, out) >= frames:
                 return out
-            if ring.event_idx:
+            if ring.event_idx and isinstance(ring, PackedRing):
+                ring.set_driver_event(EVENT_DESC, ring.last_used, ring.used_wrap)
+                with _FENCE:
+                    pass
+                if ring.is_used(ring.last_used):
+                    continue
+            elif ring.event_idx:
                 # Ask for an interrupt after what we have reaped, then look again:
                 # entries that came in before used_event was written get none.
                 ring.set_used_event(ring.last_used)
@@ -322,7 +346,7 @@ class Frontend:
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(call)
 
-    def _frames_in(self, ring: DriverRing, used: list[tuple[int, int]]) -> int:
+    def _frames_in(self, ring: DriverRing | PackedRing, used: list[tuple[int, int]]) -> int:
         if not self.features >> Net.MRG_RXBUF & 1:
             return len(used)
         n, i = 0, 0

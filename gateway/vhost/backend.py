@@ -335,8 +335,10 @@ class VhostConnection:
 
     def _on_set_vring_num(self, msg: p.Message, ring: Ring) -> None:
         _, num = msg.vring_state()
-        if not valid_size(num):
-            raise ProtocolError(f"ring {ring.index}: size {num} is not a power of two <= 32768")
+        if not valid_size(num, self._packed()):
+            raise ProtocolError(f"ring {ring.index}: size {num} is not a power of two <= 32768"
+                                if not self._packed() else
+                                f"ring {ring.index}: size {num} is not in 1..32768")
         self._move(Request.SET_VRING_NUM, ring)
         ring.size = num
 
@@ -353,7 +355,14 @@ class VhostConnection:
 
     def _on_set_vring_base(self, msg: p.Message, ring: Ring) -> None:
         _, num = msg.vring_state()
-        if num > 0xFFFF:
+        if self._packed():
+            # Bits 0-14 position, 15 wrap counter; QEMU adds the used position
+            # in 16-31, which equals it whenever a ring stops (packed_base).
+            num &= 0xFFFF
+            if ring.size is not None and num & 0x7FFF >= ring.size:
+                raise ProtocolError(f"ring {ring.index}: packed base {num & 0x7FFF} "
+                                    f">= queue size {ring.size}")
+        elif num > 0xFFFF:
             raise ProtocolError(f"ring {ring.index}: base {num} does not fit a split ring index")
         self._move(Request.SET_VRING_BASE, ring)
         ring.base = num
@@ -364,7 +373,13 @@ class VhostConnection:
             self._move(Request.GET_VRING_BASE, ring)
             ring.version += 1
             self.device.apply(self)
+        if self._packed():
+            # As QEMU reads it back: avail state low, used state high.
+            return p.vring_state(ring.index, ring.base | ring.base << 16)
         return p.vring_state(ring.index, ring.base)
+
+    def _packed(self) -> bool:
+        return bool(self.acked_features >> Net.RING_PACKED & 1)
 
     def _on_set_vring_kick(self, msg: p.Message, ring: Ring) -> None:
         nofd = bool(msg.u64() & p.VRING_NOFD)

@@ -25,7 +25,7 @@ from gateway.vhost.memory import MemoryTableError
 from gateway.vhost.protocol import VRING_F_LOG, ProtocolError
 from gateway.virtio import features as vf
 from gateway.virtio.features import Net
-from gateway.virtio.ring import AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN, VirtQueue, ring_sizes
+from gateway.virtio.ring import VirtQueue, ring_aligns, ring_sizes, valid_size
 
 if TYPE_CHECKING:
     from gateway.registry import Registry
@@ -216,11 +216,19 @@ class VhostDevice:
         ring = conn.rings[index]
         size, addr = ring.size, ring.addr
         assert size is not None and addr is not None  # ring_runs checked
+        acked = conn.acked_features
+        # Packed: SET_VRING_ADDR's desc/avail/used are the descriptor ring and
+        # the driver and device event areas.
+        packed = bool(acked >> Net.RING_PACKED & 1)
+        if not valid_size(size, packed):
+            # a size taken while packed was negotiated, then features changed
+            raise ProtocolError(f"ring {index}: size {size} is not a power of two")
         hosts, spans = {}, []
-        for (what, qva, align), length in zip(
-            (("desc", addr.desc, DESC_ALIGN), ("avail", addr.avail, AVAIL_ALIGN),
-             ("used", addr.used, USED_ALIGN)),
-            ring_sizes(size),
+        for what, qva, align, length in zip(
+            ("desc", "avail", "used"),
+            (addr.desc, addr.avail, addr.used),
+            ring_aligns(packed),
+            ring_sizes(size, packed),
             strict=True,
         ):
             if qva % align:
@@ -237,14 +245,15 @@ class VhostDevice:
                     raise ProtocolError(f"ring {index}: {what} ring at {qva:#x}+{length} "
                                         f"overlaps the {other} ring at {start:#x}+{n}")
             spans.append((what, qva, length))
-        acked = conn.acked_features
+        if packed and ring.base & 0x7FFF >= size:
+            raise ProtocolError(f"ring {index}: packed base {ring.base & 0x7FFF} >= size {size}")
         log, log_used_gpa = None, None
         if acked >> Net.LOG_ALL & 1 and conn.log is not None:
             log = conn.log
             if addr.flags & VRING_F_LOG:
                 # The spec lets log_guest_addr lie outside guest memory, but the
                 # bit of the used ring's last byte must be inside the log.
-                used_len = ring_sizes(size)[2]
+                used_len = ring_sizes(size, packed)[2]
                 if not covers(log.size, addr.log, used_len):
                     raise ProtocolError(f"ring {index}: used ring logged at {addr.log:#x}+"
                                         f"{used_len} is beyond the {log.size}-byte log")
@@ -266,6 +275,8 @@ class VhostDevice:
             guest_csum=bool(index % 2 == 0 and acked >> Net.GUEST_CSUM & 1),
             log=log,
             log_used_gpa=log_used_gpa,
+            packed=packed,
+            desc_gpa=conn.memory.qva_to_gpa(addr.desc, 16 * size) if packed else 0,
         )
 
     def _start_worker(self, conn: VhostConnection, qp: int, key: tuple) -> None:

@@ -143,6 +143,15 @@ class GuestMemory:
         """Front-end virtual → our address, for a whole range in one region."""
         return self._translate(qva, length, "qva")
 
+    def qva_to_gpa(self, qva: int, length: int) -> int:
+        """Front-end virtual → guest-physical, for a whole range in one region
+        (a packed ring's used descriptors are dirty-logged by GPA)."""
+        host = self._translate(qva, length, "qva")
+        for m in self.regions:
+            if m.host <= host < m.host + m.region.size:
+                return m.region.gpa + (host - m.host)
+        raise MemoryTableError(f"QVA {qva:#x} is not inside guest memory")
+
     def gpa_to_host(self, gpa: int, length: int) -> int:
         return self._translate(gpa, length, "gpa")
 

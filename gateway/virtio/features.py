@@ -97,6 +97,12 @@ SUPPORTED_FEATURES = mask(
     Net.RING_EVENT_IDX,
     Net.PROTOCOL_FEATURES,
     Net.VERSION_1,
+    # Packed virtqueues (cffi_build/gw_packed.h): tests/test_packed_ring.py,
+    # test_packed_dpdk.py (virtio-user packed_vq=1), test_packed_qemu.py.
+    Net.RING_PACKED,
+    # Buffers are taken and returned in the order they were made available,
+    # both layouts (tests/test_packed_dpdk.py: DPDK's in-order paths).
+    Net.IN_ORDER,
 )
 
 # Offered only on ports that finish the guest's offloads (XdpPort, whose C

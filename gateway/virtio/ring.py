@@ -23,6 +23,7 @@ __all__ = [
     "VirtQueue",
     "ffi",
     "lib",
+    "packed_base",
     "ring_sizes",
     "valid_size",
 ]
@@ -45,6 +46,8 @@ _ERROR_NAMES = {
     lib.GW_E_DESC_ADDR: "GW_E_DESC_ADDR",
     lib.GW_E_INDIRECT: "GW_E_INDIRECT",
     lib.GW_E_DIRECTION: "GW_E_DIRECTION",
+    lib.GW_E_BUF_ID: "GW_E_BUF_ID",
+    lib.GW_E_WRAP: "GW_E_WRAP",
 }
 
 # Sub-reasons of GW_E_INDIRECT, err_detail bits 32..39 (see gw_ring.c).
@@ -53,21 +56,47 @@ _INDIRECT_WHY = {
     2: "nested indirect table",
     3: "INDIRECT together with NEXT",
     4: "indirect table len not a non-zero multiple of 16 (at most 1024 entries)",
+    5: "indirect descriptor at the end of a packed chain (allowed only alone)",
 }
 
 
-def valid_size(size: int) -> bool:
-    """A split ring's size must be a power of two; C masks indices with size-1."""
-    return 1 <= size <= MAX_QUEUE_SIZE and size & (size - 1) == 0
+def valid_size(size: int, packed: bool = False) -> bool:
+    """A split ring's size must be a power of two (C masks indices with
+    size-1); a packed ring's positions wrap explicitly, so any size will do."""
+    if not 1 <= size <= MAX_QUEUE_SIZE:
+        return False
+    return packed or size & (size - 1) == 0
 
 
-def ring_sizes(size: int) -> tuple[int, int, int]:
+def ring_sizes(size: int, packed: bool = False) -> tuple[int, int, int]:
     """Bytes of (desc, avail, used), counting the event-idx u16 at each end.
 
     The trailing u16 is counted whether or not EVENT_IDX is negotiated, as the
     spec's sizes do, so the range checks Python makes cover what C may touch.
+    A packed ring has the descriptor ring and two 4-byte event areas
+    (driver's in place of avail, device's in place of used).
     """
+    if packed:
+        return 16 * size, 4, 4
     return 16 * size, 6 + 2 * size, 6 + 8 * size
+
+
+def ring_aligns(packed: bool = False) -> tuple[int, int, int]:
+    """Alignment of (desc, avail, used): virtio 1.2, 2.7 and 2.8.10.1."""
+    return (DESC_ALIGN, 4, 4) if packed else (DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN)
+
+
+def packed_base(num: int, size: int) -> int:
+    """A packed ring's SET_VRING_BASE value, reduced to what we keep.
+
+    Bits 0-14 are the next descriptor to read, bit 15 its wrap counter
+    (vhost-user.rst); QEMU also sends the used position in bits 16-31. We
+    publish every chain we take before a queue stops, so the used position
+    always equals the avail one, and the low 16 bits say both."""
+    base = num & 0xFFFF
+    if base & 0x7FFF >= size:
+        raise ValueError(f"packed ring base {base & 0x7FFF} >= queue size {size}")
+    return base
 
 
 class RingBroken(Exception):
@@ -139,9 +168,13 @@ class VirtQueue:
         guest_csum: bool = False,
         log=None,
         log_used_gpa: int | None = None,
+        packed: bool = False,
+        desc_gpa: int = 0,
     ):
-        if not valid_size(size):
+        if not valid_size(size, packed):
             raise ValueError(f"bad queue size {size}")
+        if packed:
+            last_avail = packed_base(last_avail, size)
         self._mem = mem  # C holds a raw pointer to it
         vq = ffi.new("struct gw_vq *")
         vq.mem = mem
@@ -172,9 +205,21 @@ class VirtQueue:
         if offload:
             self._big = ffi.new("uint8_t[]", BIG_FRAME)
             vq.big, vq.big_cap = self._big, BIG_FRAME
-        # Resume from what the guest last saw as used (as DPDK does): after a
-        # reconnect our own count is gone, the ring's is the truth.
-        vq.used_idx = ffi.cast("uint16_t *", vq.used + 2)[0]
+        if packed:
+            # Position and wrap counter, used = avail (see packed_base); the
+            # shadow holds a burst's used elements, at most one per descriptor.
+            vq.packed = 1
+            vq.last_avail = last_avail & 0x7FFF
+            vq.avail_wrap = last_avail >> 15
+            vq.used_idx = vq.last_avail
+            vq.used_wrap = vq.avail_wrap
+            vq.desc_gpa = desc_gpa
+            self._shadow = ffi.new("struct gw_used_elem[]", size)
+            vq.shadow = self._shadow
+        else:
+            # Resume from what the guest last saw as used (as DPDK does): after a
+            # reconnect our own count is gone, the ring's is the truth.
+            vq.used_idx = ffi.cast("uint16_t *", vq.used + 2)[0]
         self._vq = vq
 
     # --- bursts -----------------------------------------------------------
@@ -217,8 +262,12 @@ class VirtQueue:
 
     @property
     def last_avail(self) -> int:
-        """For GET_VRING_BASE: where a restarted backend must resume."""
-        return self._vq.last_avail
+        """For GET_VRING_BASE: where a restarted backend must resume (packed:
+        the position with its wrap counter in bit 15)."""
+        vq = self._vq
+        if vq.packed:
+            return vq.last_avail | vq.avail_wrap << 15
+        return vq.last_avail
 
     @property
     def used_idx(self) -> int:
@@ -285,6 +334,11 @@ def error_text(code: int, detail: int, size: int) -> str:
         why = f"{reason} (len {detail & 0xFFFFFFFF})"
     elif code == lib.GW_E_DIRECTION:
         why = f"descriptor flags {detail:#x} have the wrong direction for this queue"
+    elif code == lib.GW_E_BUF_ID:
+        why = f"packed buffer id {detail} >= queue size {size}"
+    elif code == lib.GW_E_WRAP:
+        why = (f"descriptor flags {detail:#x} in a packed chain are not available "
+               "in the chain's wrap")
     else:
         why = f"detail {detail:#x}"
     return f"{name}: {why}"
