@@ -338,6 +338,8 @@ def test_nic_deleted_under_a_running_device_comes_back_with_it(env):
         ipr.link("add", ifname=topo.nic, kind="veth",
                  peer={"ifname": topo.peer, "net_ns_fd": topo.ns})
         (idx,) = ipr.link_lookup(ifname=topo.nic)
+        with open(f"/proc/sys/net/ipv6/conf/{topo.nic}/disable_ipv6", "w") as f:
+            f.write("1")  # as topology() does: the host's own IPv6 would reach the far end
         ipr.link("set", index=idx, state="up")
     with NetNS(topo.ns) as far:
         far.link("set", index=far.link_lookup(ifname=topo.peer)[0], state="up")

@@ -26,7 +26,8 @@ BUF_GPA = 0x10400
 SLOT = 2048
 USED_LOG_GPA = 0x50000  # log_guest_addr: deliberately not where the used ring is
 LOG_SIZE = bytes_needed(MEM)  # 32 bytes: 256 pages
-FEATURES = vf.SUPPORTED_FEATURES & ~(1 << Net.LOG_ALL) & ~vf.OFFLOADS  # acked before migrating
+FEATURES = (vf.SUPPORTED_FEATURES & ~(1 << Net.LOG_ALL) & ~vf.OFFLOADS  # acked before migrating
+            & ~(1 << Net.RING_PACKED))  # split rings: the used ring is what log_guest_addr logs
 PROTO = vf.SUPPORTED_PROTOCOL_FEATURES | 1 << Proto.LOG_SHMFD
 
 

@@ -27,9 +27,10 @@ def test_guest_tcp_with_offloads_both_ways(tmp_path):
     assert r.up_ok and r.up_bytes == 8 << 20
     assert r.down_ok
     off, drops = r.stats["offload"], r.stats["drops"]
-    # The guest sent GSO frames (far more than one MSS each) and we cut them up.
+    # The guest sent GSO frames (more than one MSS each) and we cut them up.
+    # How many is the guest's choice: TSO autosizing follows its pacing rate,
+    # and under TCG on a busy machine that ranged from 2 % to 80 % of the bytes.
     assert off["tx_gso"] > 0 and off["tx_gso_segs"] >= 2 * off["tx_gso"]
-    assert off["tx_gso_segs"] * 1448 >= (8 << 20) // 2
     # The download's segments were verified and marked for the guest.
     assert off["rx_csum_valid"] > (8 << 20) // 1448 // 2
     assert drops["tx_bad_gso"] == drops["tx_bad_csum"] == drops["tx_too_big"] == 0

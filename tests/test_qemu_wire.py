@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -31,37 +34,45 @@ echo "GW-GUEST: md5 $(wget -q -O - http://{far}:8000/blob | md5sum | cut -d' ' -
 """
 
 
+@contextlib.contextmanager
+def guest_on(topo, tmp_path: Path, scenario: str) -> Iterator[tuple[object, VhostService, object]]:
+    """A gateway device on the topology's NIC and a Linux guest booting on it
+    with `scenario` after its network is up: (device, service, running QEMU)."""
+    nic = Nic(topo.nic)
+    service = VhostService().start()
+    port = XdpPort(nic, "vm0", GUEST_MAC)
+    try:
+        dev = Registry().create("vm0", port, max_mtu=port.max_mtu)
+        path = str(tmp_path / "vm0.sock")
+        service.listen(dev, path)
+        image = ensure_guest()
+        ip = f"10.{topo.peer_ip.split('.')[1]}.0.2"
+        initrd = make_initrd(image, net_up(ip) + scenario, tmp_path / "initrd")
+        with qemu.QemuGuest(image.kernel, initrd,
+                            nics=[qemu.VhostUserNic(socket=path, mac=GUEST_MAC)],
+                            log_path=tmp_path / "console.log") as vm:
+            yield dev, service, vm
+    finally:
+        service.stop()
+        port.close()
+        nic.close()
+
+
 def test_linux_guest_pings_and_downloads_over_tcp(tmp_path):
     blob = os.urandom(BLOB_SIZE)
     (tmp_path / "blob").write_bytes(blob)
     with topology() as topo:
-        ip = f"10.{topo.peer_ip.split('.')[1]}.0.2"
         server = topo.popen(sys.executable, "-m", "http.server", "8000", "--bind",
                             topo.peer_ip, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-        nic = Nic(topo.nic)
-        service = VhostService().start()
-        port = XdpPort(nic, "vm0", GUEST_MAC)
         try:
-            dev = Registry().create("vm0", port, max_mtu=port.max_mtu)
-            path = str(tmp_path / "vm0.sock")
-            service.listen(dev, path)
-            image = ensure_guest()
-            initrd = make_initrd(image, net_up(ip) + SCENARIO.format(ip=ip, far=topo.peer_ip),
-                                 tmp_path / "initrd")
-            with qemu.QemuGuest(image.kernel, initrd,
-                                nics=[qemu.VhostUserNic(socket=path, mac=GUEST_MAC)],
-                                log_path=tmp_path / "console.log") as vm:
+            with guest_on(topo, tmp_path, SCENARIO.format(far=topo.peer_ip)) as (dev, _, vm):
                 vm.wait_for(r"GW-GUEST: ping ok", 120)
                 m = vm.wait_for(r"GW-GUEST: md5 (\w+)", 120)
                 vm.wait_for(r"GW-GUEST: scenario exit 0", 30)
             assert m.group(1) == hashlib.md5(blob).hexdigest()
-            stats = dev.stats()
-            assert stats["rx_bytes"] > BLOB_SIZE
+            assert dev.stats()["rx_bytes"] > BLOB_SIZE
         finally:
-            service.stop()
-            port.close()
-            nic.close()
             server.kill()
             server.wait()
 
@@ -80,26 +91,11 @@ def test_guest_driver_reload_resets_the_device_and_traffic_resumes(tmp_path):
     gateway must follow: the same session carries the guest's pings again."""
     with topology() as topo:
         ip = f"10.{topo.peer_ip.split('.')[1]}.0.2"
-        nic = Nic(topo.nic)
-        service = VhostService().start()
-        port = XdpPort(nic, "vm0", GUEST_MAC)
-        try:
-            dev = Registry().create("vm0", port, max_mtu=port.max_mtu)
-            path = str(tmp_path / "vm0.sock")
-            service.listen(dev, path)
-            image = ensure_guest()
-            script = net_up(ip) + RESET_SCENARIO.format(far=topo.peer_ip, net_up=net_up(ip))
-            initrd = make_initrd(image, script, tmp_path / "initrd")
-            with qemu.QemuGuest(image.kernel, initrd,
-                                nics=[qemu.VhostUserNic(socket=path, mac=GUEST_MAC)],
-                                log_path=tmp_path / "console.log") as vm:
-                vm.wait_for(r"GW-GUEST: ping ok", 120)
-                vm.wait_for(r"GW-GUEST: driver reloaded", 60)
-                vm.wait_for(r"GW-GUEST: ping ok again", 60)
-                vm.wait_for(r"GW-GUEST: scenario exit 0", 30)
+        script = RESET_SCENARIO.format(far=topo.peer_ip, net_up=net_up(ip))
+        with guest_on(topo, tmp_path, script) as (dev, service, vm):
+            vm.wait_for(r"GW-GUEST: ping ok", 120)
+            vm.wait_for(r"GW-GUEST: driver reloaded", 60)
+            vm.wait_for(r"GW-GUEST: ping ok again", 60)
+            vm.wait_for(r"GW-GUEST: scenario exit 0", 30)
             assert service.endpoints["vm0"].connections == 1  # one session throughout
-            assert dev.state in ("running", "waiting") and dev.broken_reason is None
-        finally:
-            service.stop()
-            port.close()
-            nic.close()
+        assert dev.broken_reason is None
