@@ -7,11 +7,8 @@ import time
 
 import pytest
 
-from gateway.datapath.port import MemoryPort
-from gateway.registry import Registry
 from gateway.testing import testpmd as tp
 from gateway.testing.guestnet import csum
-from gateway.vhost.transport import VhostService
 
 pytestmark = [
     pytest.mark.dpdk,
@@ -20,26 +17,6 @@ pytestmark = [
 
 CASES = [(1, False), (1, True), (2, True)]
 IDS = ["1q-mrg0", "1q-mrg1", "2q-mrg1"]
-
-
-@pytest.fixture
-def backend(tmp_path):
-    registry = Registry()
-    service = VhostService().start()
-    ports = []
-
-    def make(queues: int):
-        port = MemoryPort()
-        ports.append(port)
-        dev = registry.create("pmd0", port, queue_pairs=queues)
-        path = str(tmp_path / "pmd0.sock")
-        service.listen(dev, path)
-        return dev, port, path
-
-    yield make
-    service.stop()
-    for port in ports:
-        port.close()
 
 
 def assert_txonly_frame(f: bytes, size: int) -> None:

@@ -54,17 +54,18 @@ def _libfuzzer_missing(tmp: pathlib.Path) -> str | None:
     return None
 
 
-def test_ring_fuzzer_bounded_run(tmp_path):
-    """Builds fuzz/ring_fuzz.c with gw_ring.c, replays fuzz/corpus/ring and mutates for
-    RING_CI_SECONDS: any sanitizer report or broken invariant fails the run."""
+def bounded_run(tmp_path, target: str, seconds: int, *make_args: str) -> str:
+    """`make -C fuzz TARGET` for about `seconds` (skipped without libFuzzer):
+    any sanitizer report, broken invariant or crash artifact fails it, and so
+    does a run too short to have done anything. Returns its output."""
     why = _libfuzzer_missing(tmp_path)
     if why:
         pytest.skip(why)
     build = tmp_path / "build"
     r = subprocess.run(
-        ["make", "-s", "-C", str(FUZZ), "fuzz-ring-ci", f"BUILD={build}",
-         f"CI_TIME={RING_CI_SECONDS}", "SEED=1"],
-        capture_output=True, text=True, timeout=RING_CI_SECONDS + 120,
+        ["make", "-s", "-C", str(FUZZ), target, f"BUILD={build}", f"CI_TIME={seconds}",
+         "SEED=1", *make_args],
+        capture_output=True, text=True, timeout=seconds + 120,
     )
     out = r.stdout + r.stderr
     tail = out[-4000:]
@@ -75,6 +76,13 @@ def test_ring_fuzzer_bounded_run(tmp_path):
     assert m, tail
     assert int(m.group(1)) >= 1000, tail  # it really ran, not just started
     assert not any((build / "artifacts").iterdir()), tail
+    return out
+
+
+def test_ring_fuzzer_bounded_run(tmp_path):
+    """Builds fuzz/ring_fuzz.c with gw_ring.c, replays fuzz/corpus/ring and mutates for
+    RING_CI_SECONDS: any sanitizer report or broken invariant fails the run."""
+    bounded_run(tmp_path, "fuzz-ring-ci", RING_CI_SECONDS)
 
 
 def test_ring_corpus_is_small():

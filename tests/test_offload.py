@@ -410,15 +410,8 @@ FUZZ_SECONDS = 10
 def test_offload_fuzzer_bounded_run(tmp_path):
     """fuzz/offload_fuzz.c under libFuzzer + ASan + UBSan, seeded with valid
     GSO and partial-checksum frames so mutations start from deep paths."""
-    import pathlib
-    import re
-    import subprocess
+    from test_fuzz import bounded_run
 
-    from test_fuzz import _libfuzzer_missing
-
-    why = _libfuzzer_missing(tmp_path)
-    if why:
-        pytest.skip(why)
     seeds = tmp_path / "seeds"
     seeds.mkdir()
     rnd = random.Random(3)
@@ -430,15 +423,4 @@ def test_offload_fuzzer_bounded_run(tmp_path):
         (seeds / f"gso{k}").write_bytes(h + struct.pack("<H", 2000) + frame)
         h = struct.pack("<BBHHHHH", 1, 0, 0, 0, l4, 16, 0)
         (seeds / f"csum{k}").write_bytes(h + struct.pack("<H", 2000) + frame[: l4 + 20 + 33])
-    fuzz = pathlib.Path(__file__).resolve().parent.parent / "fuzz"
-    build = tmp_path / "build"
-    r = subprocess.run(["make", "-s", "-C", str(fuzz), "fuzz-offload-ci", f"BUILD={build}",
-                        f"CI_TIME={FUZZ_SECONDS}", "SEED=1", f"SEEDS={seeds}"],
-                       capture_output=True, text=True, timeout=FUZZ_SECONDS + 120)
-    out = r.stdout + r.stderr
-    tail = out[-4000:]
-    assert r.returncode == 0, tail
-    assert "AddressSanitizer" not in out and "runtime error" not in out, tail
-    m = re.search(r"Done (\d+) runs in (\d+) second", out)
-    assert m and int(m.group(1)) >= 1000, tail
-    assert not any((build / "artifacts").iterdir()), tail
+    bounded_run(tmp_path, "fuzz-offload-ci", FUZZ_SECONDS, f"SEEDS={seeds}")

@@ -5,16 +5,14 @@ frames from the far host counted by testpmd's rxonly)."""
 
 from __future__ import annotations
 
-import struct
 import time
 
 import pytest
+from test_dpdk import CASES, IDS, assert_txonly_frame
 
-from gateway.datapath.port import MemoryPort
 from gateway.datapath.xdp_port import XdpPort
 from gateway.registry import Registry
 from gateway.testing import testpmd as tp
-from gateway.testing.guestnet import csum
 from gateway.testing.netns import topology
 from gateway.vhost.transport import VhostService
 from gateway.virtio.features import Net
@@ -24,41 +22,6 @@ pytestmark = [
     pytest.mark.dpdk,
     pytest.mark.skipif(not tp.testpmd_available(), reason="dpdk-testpmd not installed"),
 ]
-
-CASES = [(1, False), (1, True), (2, True)]
-IDS = ["1q-mrg0", "1q-mrg1", "2q-mrg1"]
-
-
-@pytest.fixture
-def backend(tmp_path):
-    registry = Registry()
-    service = VhostService().start()
-    ports = []
-
-    def make(queues: int):
-        port = MemoryPort()
-        ports.append(port)
-        dev = registry.create("pmd0", port, queue_pairs=queues)
-        path = str(tmp_path / "pmd0.sock")
-        service.listen(dev, path)
-        return dev, port, path
-
-    yield make
-    service.stop()
-    for port in ports:
-        port.close()
-
-
-def assert_txonly_frame(f: bytes, size: int) -> None:
-    """testpmd's txonly frame: Ether / IPv4 / UDP 9→9, `size` bytes in all."""
-    assert len(f) == size
-    assert f[12:14] == b"\x08\x00"
-    ip = f[14:34]
-    assert ip[0] == 0x45 and ip[9] == 17
-    assert struct.unpack("!H", ip[2:4])[0] == size - 14
-    assert csum(ip) == 0
-    assert struct.unpack("!HH", f[34:38]) == (9, 9)
-
 
 def assert_packed(dev) -> None:
     assert dev.negotiated_features >> Net.RING_PACKED & 1, "testpmd did not negotiate packed"
