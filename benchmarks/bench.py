@@ -22,7 +22,9 @@ The forwarder (gateway or testpmd) runs on CPU 0, sources and guests on CPU 1;
 with 2 queue pairs the forwarder gets both CPUs (this machine has two). Each
 figure is the median of --runs runs, with min and max. Then: zero-loss rate
 (guest->wire, binary search over a paced guest), ping latency at light load,
-the gateway's idle CPU and RSS per device. Nothing here asserts a timing.
+the gateway's idle CPU, TCP throughput of a QEMU guest with its checksum/TSO
+offloads on and off (tcp_offload.py), and RSS per device. Nothing here
+asserts a timing.
 """
 
 from __future__ import annotations
@@ -272,7 +274,8 @@ def zero_loss(args) -> list[dict]:
 
 
 def extras(args) -> dict:
-    """Zero-loss rate, latency, idle CPU and RSS: printed and returned for the JSON."""
+    """Zero-loss rate, latency, idle CPU, TCP with and without offloads, and
+    RSS: printed and returned for the JSON."""
     from footprint import idle_cpu, rss_per_device
     from latency import latency
 
@@ -298,6 +301,16 @@ def extras(args) -> dict:
     print(f"\nidle gateway daemon, % of one core over {i['seconds']:.0f} s: no guest "
           f"{i['no_guest_pct']:.2f}, Python guest {i['frontend_guest_pct']:.2f}, "
           f"testpmd guest {i['testpmd_guest_pct']:.2f}")
+    if args.tcp_runs:
+        from tcp_offload import measure
+
+        print(f"\nTCP, QEMU TCG Linux guest <-> far host, {args.tcp_mbytes} MiB each way "
+              f"(guest offloads negotiated, then switched off in QEMU):")
+        out["tcp_offload"] = measure(args.tcp_mbytes, args.tcp_runs,
+                                     echo=lambda line: print("  " + line, flush=True))
+        for name, t in out["tcp_offload"].items():
+            print(f"  median {name:<13} guest->far {t['guest_to_far_mbit']:6.1f} Mbit/s  "
+                  f"far->guest {t['far_to_guest_mbit']:6.1f} Mbit/s")
     out["rss"] = rss_per_device(args.devices)
     m = out["rss"]
     print(f"RSS: {m['base_mib']:.1f} MiB with no device, {m['total_mib']:.1f} MiB with "
@@ -326,6 +339,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--pings", type=int, default=1000, help="latency samples per setup")
     ap.add_argument("--idle-seconds", type=float, default=10.0)
     ap.add_argument("--devices", type=int, default=8, help="attached for the RSS figure")
+    ap.add_argument("--tcp-runs", type=int, default=3,
+                    help="TCP runs per offload setting with a QEMU guest (0: none)")
+    ap.add_argument("--tcp-mbytes", type=int, default=8, help="MiB each way per TCP run")
     ap.add_argument("--no-extras", dest="extras", action="store_false",
                     help="throughput only: no zero-loss search, latency, idle CPU or RSS")
     ap.add_argument("--json", help="write the results here")

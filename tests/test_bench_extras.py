@@ -47,3 +47,14 @@ def test_percentile_is_an_observed_value():
     assert latency.percentile(samples, 50) == 50
     assert latency.percentile(samples, 99) == 99
     assert latency.percentile([7.0], 99) == 7.0
+
+
+@pytest.mark.qemu
+def test_tcp_offload_measure_returns_both_settings():
+    import tcp_offload
+
+    lines: list[str] = []
+    r = tcp_offload.measure(mbytes=1, runs=1, echo=lines.append)
+    assert set(r) == {"offloads on", "offloads off"} and len(lines) == 2
+    for m in r.values():
+        assert m["guest_to_far_mbit"] > 0 and m["far_to_guest_mbit"] > 0 and m["runs"] == 1
