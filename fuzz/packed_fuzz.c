@@ -35,6 +35,7 @@
 #include <sanitizer/asan_interface.h>
 
 #include "gw_ring.h"
+#include "fuzz_input.h"
 
 #define CHECK(cond)                                                              \
     do {                                                                         \
@@ -52,37 +53,6 @@
 #define MAX_OPS 48
 #define MAX_N 32
 #define LOG_BYTES 8                             /* 64 pages: less than the GPA space used */
-
-struct in {
-    const uint8_t *p;
-    size_t n;
-};
-
-static uint8_t u8(struct in *in)
-{
-    if (!in->n)
-        return 0;
-    in->n--;
-    return *in->p++;
-}
-
-static uint16_t u16(struct in *in)
-{
-    uint16_t lo = u8(in);
-    return (uint16_t)(lo | u8(in) << 8);
-}
-
-static uint32_t u32(struct in *in)
-{
-    uint32_t lo = u16(in);
-    return lo | (uint32_t)u16(in) << 16;
-}
-
-static uint64_t u64(struct in *in)
-{
-    uint64_t lo = u32(in);
-    return lo | (uint64_t)u32(in) << 32;
-}
 
 struct world {
     struct gw_mem mem;

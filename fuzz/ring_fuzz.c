@@ -37,6 +37,7 @@
 #include <sanitizer/asan_interface.h>
 
 #include "gw_ring.h"
+#include "fuzz_input.h"
 
 #define CHECK(cond)                                                              \
     do {                                                                         \
@@ -65,39 +66,7 @@ static void check_broken_untouched(const struct gw_vq *vq, const struct gw_vq *b
 #define MAX_RX_LEN 2048
 #define MAX_IND_TABLES 4
 
-/* ---- input reader: every byte string decodes to something -------------- */
-
-struct in {
-    const uint8_t *p;
-    size_t n;
-};
-
-static uint8_t u8(struct in *in)
-{
-    if (!in->n)
-        return 0;
-    in->n--;
-    return *in->p++;
-}
-
-/* Sequenced reads: the low part first, whatever the compiler's argument order. */
-static uint16_t u16(struct in *in)
-{
-    uint16_t lo = u8(in);
-    return (uint16_t)(lo | u8(in) << 8);
-}
-
-static uint32_t u32(struct in *in)
-{
-    uint32_t lo = u16(in);
-    return lo | (uint32_t)u16(in) << 16;
-}
-
-static uint64_t u64(struct in *in)
-{
-    uint64_t lo = u32(in);
-    return lo | (uint64_t)u32(in) << 32;
-}
+/* ---- input: the reader is fuzz_input.h ----------------------------------- */
 
 /* splitmix64: fills bulk bytes (region contents, frames) from a seed. */
 static uint64_t mix(uint64_t *s)
