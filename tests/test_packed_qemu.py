@@ -6,21 +6,15 @@ counter must come back right, and set up anew) and ping again."""
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 
 import pytest
+from test_qemu_wire import BLOB_SIZE, blob_server, guest_on
 
-from gateway.datapath.xdp_port import XdpPort
-from gateway.registry import Registry
 from gateway.testing import qemu
-from gateway.testing.guest import ensure_guest, make_initrd, net_up
+from gateway.testing.guest import net_up
 from gateway.testing.netns import topology
 from gateway.testing.tcp_stream import run_stream
-from gateway.vhost.transport import VhostService
 from gateway.virtio.features import Net
-from gateway.xdp.nic import Nic
 
 pytestmark = [
     pytest.mark.qemu,
@@ -28,7 +22,6 @@ pytestmark = [
 ]
 
 GUEST_MAC = "52:54:00:12:34:5a"
-BLOB_SIZE = 10 << 20
 
 SCENARIO = """
 ping -c 3 -W 2 {far} >/dev/null && echo "GW-GUEST: ping ok"
@@ -40,42 +33,20 @@ ping -c 3 -W 2 {far} >/dev/null && echo "GW-GUEST: ping ok again"
 
 
 def test_packed_linux_guest_pings_downloads_and_survives_a_reset(tmp_path):
-    blob = os.urandom(BLOB_SIZE)
-    (tmp_path / "blob").write_bytes(blob)
-    with topology() as topo:
+    with topology() as topo, blob_server(topo, tmp_path) as blob:
         ip = f"10.{topo.peer_ip.split('.')[1]}.0.2"
-        server = topo.popen(sys.executable, "-m", "http.server", "8000", "--bind",
-                            topo.peer_ip, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-        nic = Nic(topo.nic)
-        service = VhostService().start()
-        port = XdpPort(nic, "vm0", GUEST_MAC)
-        try:
-            dev = Registry().create("vm0", port, max_mtu=port.max_mtu)
-            path = str(tmp_path / "vm0.sock")
-            service.listen(dev, path)
-            image = ensure_guest()
-            script = net_up(ip) + SCENARIO.format(far=topo.peer_ip, net_up=net_up(ip))
-            initrd = make_initrd(image, script, tmp_path / "initrd")
-            nic_opts = qemu.VhostUserNic(socket=path, mac=GUEST_MAC, device_opts="packed=on")
-            with qemu.QemuGuest(image.kernel, initrd, nics=[nic_opts],
-                                log_path=tmp_path / "console.log") as vm:
-                vm.wait_for(r"GW-GUEST: ping ok", 120)
-                assert dev.negotiated_features >> Net.RING_PACKED & 1
-                m = vm.wait_for(r"GW-GUEST: md5 (\w+)", 120)
-                vm.wait_for(r"GW-GUEST: driver reloaded", 60)
-                vm.wait_for(r"GW-GUEST: ping ok again", 60)
-                vm.wait_for(r"GW-GUEST: scenario exit 0", 30)
-            assert m.group(1) == hashlib.md5(blob).hexdigest()
-            assert dev.stats()["rx_bytes"] > BLOB_SIZE
+        script = SCENARIO.format(far=topo.peer_ip, net_up=net_up(ip))
+        with guest_on(topo, tmp_path, script, GUEST_MAC, "packed=on") as (dev, service, vm):
+            vm.wait_for(r"GW-GUEST: ping ok", 120)
+            assert dev.negotiated_features >> Net.RING_PACKED & 1
+            m = vm.wait_for(r"GW-GUEST: md5 (\w+)", 120)
+            vm.wait_for(r"GW-GUEST: driver reloaded", 60)
+            vm.wait_for(r"GW-GUEST: ping ok again", 60)
+            vm.wait_for(r"GW-GUEST: scenario exit 0", 30)
             assert service.endpoints["vm0"].connections == 1  # one session throughout
-            assert dev.broken_reason is None
-        finally:
-            service.stop()
-            port.close()
-            nic.close()
-            server.kill()
-            server.wait()
+        assert m.group(1) == hashlib.md5(blob).hexdigest()
+        assert dev.stats()["rx_bytes"] > BLOB_SIZE
+        assert dev.broken_reason is None
 
 
 def test_packed_guest_tcp_with_offloads_both_ways(tmp_path):

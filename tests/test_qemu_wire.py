@@ -35,12 +35,14 @@ echo "GW-GUEST: md5 $(wget -q -O - http://{far}:8000/blob | md5sum | cut -d' ' -
 
 
 @contextlib.contextmanager
-def guest_on(topo, tmp_path: Path, scenario: str) -> Iterator[tuple[object, VhostService, object]]:
+def guest_on(topo, tmp_path: Path, scenario: str, mac: str = GUEST_MAC, device_opts: str = ""
+             ) -> Iterator[tuple[object, VhostService, object]]:
     """A gateway device on the topology's NIC and a Linux guest booting on it
-    with `scenario` after its network is up: (device, service, running QEMU)."""
+    with `scenario` after its network is up: (device, service, running QEMU).
+    device_opts: extra virtio-net-pci properties, e.g. "packed=on"."""
     nic = Nic(topo.nic)
     service = VhostService().start()
-    port = XdpPort(nic, "vm0", GUEST_MAC)
+    port = XdpPort(nic, "vm0", mac)
     try:
         dev = Registry().create("vm0", port, max_mtu=port.max_mtu)
         path = str(tmp_path / "vm0.sock")
@@ -48,8 +50,8 @@ def guest_on(topo, tmp_path: Path, scenario: str) -> Iterator[tuple[object, Vhos
         image = ensure_guest()
         ip = f"10.{topo.peer_ip.split('.')[1]}.0.2"
         initrd = make_initrd(image, net_up(ip) + scenario, tmp_path / "initrd")
-        with qemu.QemuGuest(image.kernel, initrd,
-                            nics=[qemu.VhostUserNic(socket=path, mac=GUEST_MAC)],
+        nic_opts = qemu.VhostUserNic(socket=path, mac=mac, device_opts=device_opts)
+        with qemu.QemuGuest(image.kernel, initrd, nics=[nic_opts],
                             log_path=tmp_path / "console.log") as vm:
             yield dev, service, vm
     finally:
@@ -58,23 +60,28 @@ def guest_on(topo, tmp_path: Path, scenario: str) -> Iterator[tuple[object, Vhos
         nic.close()
 
 
-def test_linux_guest_pings_and_downloads_over_tcp(tmp_path):
+@contextlib.contextmanager
+def blob_server(topo, tmp_path: Path) -> Iterator[bytes]:
+    """BLOB_SIZE random bytes served as http://FAR:8000/blob by the far host."""
     blob = os.urandom(BLOB_SIZE)
     (tmp_path / "blob").write_bytes(blob)
-    with topology() as topo:
-        server = topo.popen(sys.executable, "-m", "http.server", "8000", "--bind",
-                            topo.peer_ip, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-        try:
-            with guest_on(topo, tmp_path, SCENARIO.format(far=topo.peer_ip)) as (dev, _, vm):
-                vm.wait_for(r"GW-GUEST: ping ok", 120)
-                m = vm.wait_for(r"GW-GUEST: md5 (\w+)", 120)
-                vm.wait_for(r"GW-GUEST: scenario exit 0", 30)
-            assert m.group(1) == hashlib.md5(blob).hexdigest()
-            assert dev.stats()["rx_bytes"] > BLOB_SIZE
-        finally:
-            server.kill()
-            server.wait()
+    server = topo.popen(sys.executable, "-m", "http.server", "8000", "--bind", topo.peer_ip,
+                        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield blob
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_linux_guest_pings_and_downloads_over_tcp(tmp_path):
+    with topology() as topo, blob_server(topo, tmp_path) as blob:
+        with guest_on(topo, tmp_path, SCENARIO.format(far=topo.peer_ip)) as (dev, _, vm):
+            vm.wait_for(r"GW-GUEST: ping ok", 120)
+            m = vm.wait_for(r"GW-GUEST: md5 (\w+)", 120)
+            vm.wait_for(r"GW-GUEST: scenario exit 0", 30)
+        assert m.group(1) == hashlib.md5(blob).hexdigest()
+        assert dev.stats()["rx_bytes"] > BLOB_SIZE
 
 
 RESET_SCENARIO = """
