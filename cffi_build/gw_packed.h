@@ -178,6 +178,7 @@ static void packed_publish(struct gw_vq *vq, const struct cursor *cur)
     uint8_t wrap = vq->used_wrap;
     uint8_t *first = NULL;
     uint16_t first_flags = 0;
+    uint32_t first_pos = pos;
 
     for (uint32_t i = 0; i < cur->nshadow; i++) {
         const struct gw_used_elem *e = &vq->shadow[i];
@@ -186,7 +187,6 @@ static void packed_publish(struct gw_vq *vq, const struct cursor *cur)
            says len counts bytes we wrote (2.8.10). */
         uint16_t flags = (wrap ? PK_F_AVAIL | PK_F_USED : 0) | (e->len ? DESC_F_WRITE : 0);
 
-        log_desc(vq, pos);
         st32(d + 8, e->len);
         st16(d + 12, e->id);
         if (i == 0) {
@@ -195,6 +195,7 @@ static void packed_publish(struct gw_vq *vq, const struct cursor *cur)
         } else {
             __atomic_store_n((uint16_t *)(d + 14), flags, __ATOMIC_RELEASE);
         }
+        log_desc(vq, pos);  /* after the writes: see gw_log.h */
         pos += e->ndesc;
         if (pos >= vq->size) {
             pos -= vq->size;
@@ -202,8 +203,13 @@ static void packed_publish(struct gw_vq *vq, const struct cursor *cur)
         }
     }
     log_sync(vq);           /* the log is complete before the guest sees the burst */
-    if (first)
+    if (first) {
         __atomic_store_n((uint16_t *)(first + 14), first_flags, __ATOMIC_RELEASE);
+        /* Again, now that its flags are written: QEMU may have cleared the bit
+           and sent the page in between (as used_publish logs used->idx). */
+        log_desc(vq, first_pos);
+        log_sync(vq);
+    }
     vq->used_idx = (uint16_t)pos;
     vq->used_wrap = wrap;
     vq->last_avail = cur->avail;
@@ -268,7 +274,6 @@ static int packed_set_notify(struct gw_vq *vq, int enable)
 
     if (pk_pos_ok(vq) < 0)
         return -1;
-    log_used(vq, 0, 4);
     if (enable && vq->event_idx) {
         st16(vq->used, (uint16_t)(vq->last_avail | (uint16_t)vq->avail_wrap << 15));
         flags = PK_EVENT_DESC;
@@ -276,6 +281,7 @@ static int packed_set_notify(struct gw_vq *vq, int enable)
         flags = PK_EVENT_ENABLE;
     }
     __atomic_store_n((uint16_t *)(vq->used + 2), flags, __ATOMIC_RELEASE);
+    log_used(vq, 0, 4);
     log_sync(vq);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return packed_pending(vq);
