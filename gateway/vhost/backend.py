@@ -28,7 +28,7 @@ from gateway.vhost.memory import MAX_SLOTS, GuestMemory, MemoryTableError
 from gateway.vhost.protocol import ProtocolError, Request
 from gateway.virtio import features as vf
 from gateway.virtio.features import Net, Proto
-from gateway.virtio.ring import valid_size
+from gateway.virtio.ring import packed_base, valid_size
 
 log = logging.getLogger(__name__)
 
@@ -356,12 +356,12 @@ class VhostConnection:
     def _on_set_vring_base(self, msg: p.Message, ring: Ring) -> None:
         _, num = msg.vring_state()
         if self._packed():
-            # Bits 0-14 position, 15 wrap counter; QEMU adds the used position
-            # in 16-31, which equals it whenever a ring stops (packed_base).
-            num &= 0xFFFF
-            if ring.size is not None and num & 0x7FFF >= ring.size:
-                raise ProtocolError(f"ring {ring.index}: packed base {num & 0x7FFF} "
-                                    f">= queue size {ring.size}")
+            # Position, wrap counter and QEMU's used half: packed_base() says
+            # what we keep; checked against the size here if it is known.
+            try:
+                num = packed_base(num, ring.size if ring.size is not None else 0x8000)
+            except ValueError as e:
+                raise ProtocolError(f"ring {ring.index}: {e}") from None
         elif num > 0xFFFF:
             raise ProtocolError(f"ring {ring.index}: base {num} does not fit a split ring index")
         self._move(Request.SET_VRING_BASE, ring)

@@ -25,7 +25,7 @@ from gateway.vhost.memory import MemoryTableError
 from gateway.vhost.protocol import VRING_F_LOG, ProtocolError
 from gateway.virtio import features as vf
 from gateway.virtio.features import Net
-from gateway.virtio.ring import VirtQueue, ring_aligns, ring_sizes, valid_size
+from gateway.virtio.ring import VirtQueue, packed_base, ring_aligns, ring_sizes, valid_size
 
 if TYPE_CHECKING:
     from gateway.registry import Registry
@@ -245,8 +245,11 @@ class VhostDevice:
                     raise ProtocolError(f"ring {index}: {what} ring at {qva:#x}+{length} "
                                         f"overlaps the {other} ring at {start:#x}+{n}")
             spans.append((what, qva, length))
-        if packed and ring.base & 0x7FFF >= size:
-            raise ProtocolError(f"ring {index}: packed base {ring.base & 0x7FFF} >= size {size}")
+        if packed:  # the base may predate the size (or the features)
+            try:
+                packed_base(ring.base, size)
+            except ValueError as e:
+                raise ProtocolError(f"ring {index}: {e}") from None
         log, log_used_gpa = None, None
         if acked >> Net.LOG_ALL & 1 and conn.log is not None:
             log = conn.log

@@ -95,7 +95,7 @@ def packed_base(num: int, size: int) -> int:
     always equals the avail one, and the low 16 bits say both."""
     base = num & 0xFFFF
     if base & 0x7FFF >= size:
-        raise ValueError(f"packed ring base {base & 0x7FFF} >= queue size {size}")
+        raise ValueError(f"packed base {base & 0x7FFF} >= queue size {size}")
     return base
 
 
