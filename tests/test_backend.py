@@ -261,6 +261,7 @@ def test_bad_front_end_is_cut_off_and_others_go_on(gw):
 def test_a_header_whose_payload_never_comes_blocks_nobody(gw):
     """DPDK 22.11's control thread blocked on such a message and no other
     device could connect. Here the half-sent message waits on its own."""
+    gw.service.partial_timeout = 3600  # the deadline is the next test's subject
     _, port_a, path_a = gw.device("good")
     _, port_b, path_b = gw.device("stalled")
     stall = socket.socket(socket.AF_UNIX)
@@ -280,6 +281,87 @@ def test_a_header_whose_payload_never_comes_blocks_nobody(gw):
         gw.events.wait("new", "stalled")
         late.transmit(frames_of(3))
         assert port_b.queue(0).wait_received(3, TIMEOUT) == frames_of(3)
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _wait_for(cond, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+_MEM = p.mem_table([p.Region(0, 1 << 20, 0x1000_0000, 0)])
+# What a front-end sends before it stops: (bytes, does an fd come with them)
+PARTIAL_MESSAGES = {
+    "part-of-a-header": (p.encode(Request.GET_FEATURES)[:5], False),
+    "header-without-payload": (p.encode(Request.SET_FEATURES, bytes(8))[:p.HEADER.size], False),
+    "half-a-payload": (p.encode(Request.SET_MEM_TABLE, _MEM)[:p.HEADER.size + len(_MEM) // 2],
+                       True),
+}
+
+
+@pytest.mark.parametrize("kind", list(PARTIAL_MESSAGES))
+def test_a_half_sent_message_is_cut_off_after_the_deadline(gw, kind, caplog):
+    """QEMU and DPDK write each message whole: a front-end that stops in the
+    middle of one loses its connection, and the device takes the next one."""
+    gw.service.partial_timeout = 0.2
+    dev, port, path = gw.device("vm0")
+    data, with_fd = PARTIAL_MESSAGES[kind]
+    fds_before = _fd_count()
+    stall = socket.socket(socket.AF_UNIX)
+    stall.connect(path)
+    stall.settimeout(TIMEOUT)
+    anc = []
+    if with_fd:
+        mem = os.memfd_create("half", os.MFD_CLOEXEC)
+        os.ftruncate(mem, 1 << 20)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", mem))]
+    stall.sendmsg([data], anc)
+    if with_fd:
+        os.close(mem)
+    assert stall.recv(1) == b""  # the back-end closed it: the deadline passed
+    stall.close()
+    assert ("vm0: front-end sent half a message and did not finish it in 0.2 s; closing"
+            in caplog.text)
+    # the fd that came with the half message is closed with the connection
+    _wait_for(lambda: _fd_count() == fds_before, "an fd of the half message is still open")
+    with Frontend(path) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+        fe.transmit(frames_of(5))
+        assert port.queue(0).wait_received(5, TIMEOUT) == frames_of(5)
+
+
+def test_an_idle_front_end_has_no_deadline(gw):
+    """Between messages a front-end may stay silent as long as it likes."""
+    gw.service.partial_timeout = 0.2
+    _, port_a, path_a = gw.device("idle")
+    _, _, path_b = gw.device("stalled")
+    with Frontend(path_a) as fe:
+        # The set-up's messages carry payloads: each one armed the deadline
+        # when its header came and must have disarmed it when its payload did.
+        fe.connect().setup()
+        gw.events.wait("new", "idle")
+        assert fe.get_u64(Request.GET_FEATURES)  # answered: everything before it was handled
+        stall = socket.socket(socket.AF_UNIX)
+        stall.connect(path_b)
+        stall.settimeout(TIMEOUT)
+        stall.sendall(p.encode(Request.SET_FEATURES, bytes(8))[:p.HEADER.size])
+        # A deadline left armed by the idle front-end's messages would have
+        # expired before this one, which was armed after them.
+        assert stall.recv(1) == b""
+        stall.close()
+        fe.sock.setblocking(False)
+        with pytest.raises(BlockingIOError):  # open, nothing to read
+            fe.sock.recv(1)
+        fe.sock.settimeout(fe.timeout)
+        assert fe.get_u64(Request.GET_FEATURES)
+        fe.transmit(frames_of(5))
+        assert port_a.queue(0).wait_received(5, TIMEOUT) == frames_of(5)
 
 
 def test_hostile_ring_marks_the_device_broken_and_spares_the_rest(gw):

@@ -151,6 +151,22 @@ def test_short_header_waits_for_more():
     assert r.next_message() is None
 
 
+def test_reader_says_when_it_is_in_the_middle_of_a_message():
+    """The transport's deadline hangs on this: set from a message's first byte
+    to its last, clear between messages, whatever the chunks."""
+    r = p.MessageReader()
+    assert not r.mid_message
+    data = msg(Request.SET_FEATURES, p.u64(1)) + msg(Request.GET_FEATURES)
+    seen = []
+    for b in data:
+        r.feed(bytes([b]))
+        while r.next_message() is not None:
+            pass
+        seen.append(r.mid_message)
+    # SET_FEATURES is 20 bytes, GET_FEATURES 12: idle only after the last byte of each
+    assert seen == [True] * 19 + [False] + [True] * 11 + [False]
+
+
 def test_fds_without_any_message_are_refused():
     r = p.MessageReader()
     r.feed(b"", [memfd()])

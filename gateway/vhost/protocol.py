@@ -241,6 +241,14 @@ class MessageReader:
         self._pending_fds.extend((at, fd) for fd in fds)
         self._buf += data
 
+    @property
+    def mid_message(self) -> bool:
+        """True while part of a message is buffered (some header bytes, or a
+        header whose payload has not all come). QEMU and DPDK write each
+        message whole, so the transport gives this state a deadline; between
+        messages (nothing buffered) there is none."""
+        return bool(self._buf)
+
     def wanted(self) -> int:
         """Bytes still missing from the header or payload being read."""
         if len(self._buf) < HEADER.size:

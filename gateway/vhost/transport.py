@@ -29,6 +29,11 @@ from gateway.vhost.protocol import MAX_FDS, ProtocolError
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT = 5.0
+# A message begun and not finished within this many seconds closes its
+# connection: QEMU and DPDK write each message whole, and a device serves one
+# front-end at a time, so a peer sitting on half a message would keep the
+# device from every other front-end until it hangs up.
+PARTIAL_MESSAGE_TIMEOUT = 5.0
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
 
 
@@ -61,6 +66,7 @@ class Endpoint:
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     session_over: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
+    partial: asyncio.TimerHandle | None = None  # deadline of a message begun, not finished
 
 
 def _recv(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
@@ -83,7 +89,10 @@ class VhostService:
     """The control-plane loop. Use `start()` to run it on its own thread (tests,
     the demo) or run `serve_forever()` on the caller's loop (the daemon)."""
 
-    def __init__(self) -> None:
+    def __init__(self, partial_timeout: float = PARTIAL_MESSAGE_TIMEOUT) -> None:
+        if not partial_timeout > 0:
+            raise ValueError(f"partial message timeout must be > 0, not {partial_timeout}")
+        self.partial_timeout = partial_timeout
         self.loop: asyncio.AbstractEventLoop | None = None
         self.endpoints: dict[str, Endpoint] = {}
         self._thread: threading.Thread | None = None
@@ -243,6 +252,7 @@ class VhostService:
                 self._disconnect(ep, "front-end closed the connection")
                 return
             reply = conn.handle(data, fds)
+            self._watch_partial(ep, conn)
             if reply:
                 sock.sendall(reply)
         except ProtocolError as e:
@@ -256,15 +266,46 @@ class VhostService:
             log.exception("%s: internal error; closing the connection", ep.device.name)
             self._disconnect(ep, "internal error")
 
-    def _disconnect(self, ep: Endpoint, reason: str, conn: VhostConnection | None = None) -> None:
+    def _watch_partial(self, ep: Endpoint, conn: VhostConnection) -> None:
+        """Arm the deadline when a message begins, cancel it when it is done.
+
+        The reader is asked for at most one message part per recvmsg, so
+        "mid-message" after a recv means the message that is buffered now; the
+        deadline counts from its first byte and is not renewed by more bytes."""
+        if not conn.reader.mid_message:
+            if ep.partial is not None:
+                ep.partial.cancel()
+                ep.partial = None
+        elif ep.partial is None:
+            ep.partial = asyncio.get_running_loop().call_later(
+                self.partial_timeout, self._partial_expired, ep, conn)
+
+    def _partial_expired(self, ep: Endpoint, conn: VhostConnection) -> None:
+        ep.partial = None
+        if ep.conn is not conn:
+            return  # that session is over already
+        self._disconnect(ep, "half a message", conn, line=(
+            f"{ep.device.name}: front-end sent half a message and did not finish it "
+            f"in {self.partial_timeout:g} s; closing"))
+
+    def _disconnect(self, ep: Endpoint, reason: str, conn: VhostConnection | None = None,
+                    line: str | None = None) -> None:
+        """End the session; `line`, if given, is logged as a warning instead of
+        the usual "disconnected" line."""
         if ep.sock is None or (conn is not None and ep.conn is not conn):
             return  # already gone, or a late report about an older session
         sock, conn = ep.sock, ep.conn
         ep.sock = ep.conn = None
         ep.connected.clear()
         ep.session_over.set()
+        if ep.partial is not None:
+            ep.partial.cancel()
+            ep.partial = None
         asyncio.get_running_loop().remove_reader(sock)
-        log.info("%s: front-end disconnected: %s", ep.device.name, reason)
+        if line is not None:
+            log.warning("%s", line)
+        else:
+            log.info("%s: front-end disconnected: %s", ep.device.name, reason)
         sock.close()
         if conn is not None:
             ep.device.detach(conn)
