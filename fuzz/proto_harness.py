@@ -155,7 +155,7 @@ class Gen:
         gpa = r.choice([0, 0, 0x1000, 1 << 32])
         for i in range(nreg):
             size = r.choice([0x4000, 0x10000, 0x1000, 0x3000]) if i else r.choice([0x4000, 0x10000])
-            off = r.choice([0, 0, 0, 0, 0x1000, 1, 0x10])
+            off = r.choice([0, 0, 0, 0, 0x1000, 0x2000])  # page-aligned, as QEMU and DPDK send
             spec = FdSpec("memfd", size + off + (0 if r.randrange(12) else r.choice([-1, 0x1000])),
                           r.choice([0, 0, r.getrandbits(64) | 1]))
             qva = QVA_BASE + i * 0x1000_0000 + r.choice([0, 0x1000, 0x10])
@@ -202,6 +202,8 @@ class Gen:
             reg = p.Region(reg.gpa + r.choice([1, 0x800]), reg.size, reg.qva, reg.mmap_offset)
         elif k == 3:
             reg = p.Region(reg.gpa, 0, reg.qva, reg.mmap_offset)
+        elif k == 4:  # an offset off the page (refused)
+            reg = p.Region(reg.gpa, reg.size, reg.qva, reg.mmap_offset + r.choice([1, 0x10, 0x800]))
         if reg.size < 0 or reg.size >= 1 << 64:
             reg = p.Region(reg.gpa, 0x1000, reg.qva, reg.mmap_offset)
         if r.randrange(4) == 0:

@@ -266,6 +266,25 @@ def test_region_overflowing_u64_is_refused(conn):
         conn.handle(msg(Request.SET_MEM_TABLE, p.mem_table(regions)), [memfd()])
 
 
+@pytest.mark.parametrize("offset", [1, 0x10, 0x800, 0x1000 + 8])
+def test_region_with_an_unaligned_mmap_offset_is_refused_and_fds_closed(conn, offset):
+    owned(conn)
+    before = fd_count()
+    regions = [Region(0, 1 << 20, 0x1000_0000, offset)]
+    with pytest.raises(ProtocolError, match="mmap offset .* is not a multiple of the 4096-byte"):
+        conn.handle(msg(Request.SET_MEM_TABLE, p.mem_table(regions)), [memfd(2 << 20)])
+    assert fd_count() == before and len(conn.memory) == 0
+    # the same through ADD_MEM_REG, and with REPLY_ACK a refusal the front-end hears
+    out = conn.handle(msg(Request.ADD_MEM_REG, p.single_region(regions[0]), True),
+                      [memfd(2 << 20)])
+    assert reply_of(out)[2] == p.u64(1)
+    assert fd_count() == before and len(conn.memory) == 0
+    # a page-aligned offset into the same file is fine
+    aligned = Region(0, 1 << 20, 0x1000_0000, 0x1000)
+    conn.handle(msg(Request.SET_MEM_TABLE, p.mem_table([aligned])), [memfd(2 << 20)])
+    assert len(conn.memory) == 1
+
+
 def test_add_and_remove_memory_regions(conn):
     owned(conn)
     r1, r2 = Region(0, 1 << 20, 0x1000_0000, 0), Region(1 << 20, 1 << 20, 0x3000_0000, 0)

@@ -7,7 +7,11 @@ that lies inside one region. The same table is mirrored into a C struct gw_mem
 for the burst loops.
 
 A region whose fd is shorter than mmap_offset+size is refused: touching the
-missing tail would SIGBUS the whole daemon, not just this guest.
+missing tail would SIGBUS the whole daemon, not just this guest. So is one
+whose mmap_offset is not page-aligned: QEMU sends a RAM block's offset in its
+file and DPDK's virtio-user a memseg's, both whole pages (hugepages even), so
+anything else is not a front-end we know, and a region starting mid-page would
+share its first page with whatever the file holds before it.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class MappedRegion:
 def _check_region(r: Region) -> None:
     if r.size == 0:
         raise MemoryTableError(f"region at GPA {r.gpa:#x} has size 0")
+    if r.mmap_offset % mmap.PAGESIZE:
+        raise MemoryTableError(f"region at GPA {r.gpa:#x}: mmap offset {r.mmap_offset:#x} "
+                               f"is not a multiple of the {mmap.PAGESIZE}-byte page")
     for what, base in (("guest address", r.gpa), ("user address", r.qva),
                        ("mmap offset", r.mmap_offset)):
         if base + r.size - 1 > U64_MAX:
