@@ -14,6 +14,8 @@ import pytest
 from gateway.datapath.port import MemoryPort
 from gateway.registry import Registry
 from gateway.testing.frontend import Frontend
+from gateway.vhost import backend as backend_mod
+from gateway.vhost import device as device_mod
 from gateway.vhost import protocol as p
 from gateway.vhost.protocol import Request
 from gateway.vhost.transport import SocketInUse, VhostService
@@ -393,6 +395,84 @@ def test_hostile_ring_marks_the_device_broken_and_spares_the_rest(gw):
         again.connect().setup()
         gw.events.wait("new", "bad", 3)
         assert bad_dev.state == "running"
+
+
+def _lie(fe: Frontend) -> None:
+    """A head index beyond the TX ring, kicked: the worker stops on it."""
+    tx = fe.rings[1]
+    tx.write_desc(0, 0, 64, 0, 0)
+    tx.push_avail(9999 % 65536)
+    os.eventfd_write(fe.kicks[1], 1)
+
+
+def test_a_replaced_error_eventfd_is_never_written_after_it_is_closed(gw, monkeypatch):
+    """SET_VRING_ERR arrives while a worker is signalling the ring's old error
+    eventfd. The old fd may be closed only after that worker stopped: the
+    freed number is taken at once here (as the next memfd would take it), and
+    nothing may be written to it."""
+    dev, port, path = gw.device("vm0")
+    in_write, go, blocked, taken = threading.Event(), threading.Event(), [], []
+
+    class HeldOs:  # device.py's os: its first eventfd_write waits for `go`
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def eventfd_write(fd, value):
+            if not blocked:
+                blocked.append(fd)
+                in_write.set()
+                go.wait(TIMEOUT)
+            os.eventfd_write(fd, value)
+
+    with Frontend(path) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+        old = dev.conn.rings[0].err  # the back-end's number of ring 0's error eventfd
+        old_fe = fe.errs[0]
+        monkeypatch.setattr(device_mod, "os", HeldOs())
+        _lie(fe)
+        assert in_write.wait(TIMEOUT) and blocked == [old]  # mid-signal, on ring 0's fd
+
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        real_close, real_pause = backend_mod._close, dev.pause
+
+        def close(fd):
+            real_close(fd)
+            if fd == old:
+                os.dup2(w, old, inheritable=False)  # the freed number is someone else's now
+                taken.append(old)
+                go.set()
+
+        def pause(conn, qps):
+            go.set()  # the worker may finish what it was doing; pause waits for it
+            real_pause(conn, qps)
+
+        monkeypatch.setattr(backend_mod, "_close", close)
+        monkeypatch.setattr(dev, "pause", pause)
+        new = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        fe.request(Request.SET_VRING_ERR, p.u64(0), [new])
+        fe.errs[0] = new
+        gw.events.wait("destroy", "vm0")  # the worker is gone, its writes done
+        monkeypatch.undo()
+        try:
+            with pytest.raises(BlockingIOError):  # nothing went to the reused number
+                os.read(r, 8)
+            assert os.eventfd_read(old_fe) == 1  # the lie, told while it was ring 0's fd
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(new)
+            assert dev.state == "broken"
+            fe.reset()  # the guest resets the device; the next lie goes to the new fd only
+            gw.events.wait("new", "vm0", 2)
+            _lie(fe)
+            assert fe.wait_error(0) and fe.wait_error(1)
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(old_fe)
+            with pytest.raises(BlockingIOError):
+                os.read(r, 8)
+        finally:
+            for fd in (r, w, old_fe, *taken):
+                os.close(fd)
 
 
 def _maps() -> int:

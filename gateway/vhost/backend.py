@@ -406,8 +406,16 @@ class VhostConnection:
         self._change_ring(ring, lambda: self._swap_fd(ring, "call", fd))
 
     def _on_set_vring_err(self, msg: p.Message, ring: Ring) -> None:
+        """A worker that finds the guest lying writes this fd from its own
+        thread (device._broken): like kick and call, the old fd is closed only
+        once the queue pair's worker has stopped, or its number, taken by the
+        next memfd, could receive 8 bytes meant for the old eventfd. The ring
+        itself is unchanged (no version bump), so a pair the guest broke stays
+        stopped and a running one goes on from where it was."""
         fd = None if msg.u64() & p.VRING_NOFD else msg.fds.pop()
+        self.device.pause(self, {ring.qp})
         self._swap_fd(ring, "err", fd)
+        self.device.apply(self)
 
     @staticmethod
     def _swap_fd(ring: Ring, name: str, fd: int | None) -> None:
