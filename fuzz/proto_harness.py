@@ -218,12 +218,15 @@ class Gen:
         if bad and r.randrange(3) == 0:
             desc, avail, used = self.u64(), self.u64(), self.u64()
         else:
-            base = reg.qva
-            desc = base + r.choice([0, 0x10, 0x800])
+            # Each ring index in its own stretch, as QEMU and DPDK place them
+            # (rings sharing bytes are refused); now and then over ring 0's.
+            span = (16 * self.size + 6 + 2 * self.size + 3 + 6 + 8 * self.size + 0x1F) & ~0xF
+            base = reg.qva + (0 if bad and r.randrange(3) == 0 else index * span)
+            desc = base + r.choice([0, 0x10])
             avail = desc + 16 * self.size + (r.choice([2, 1]) if bad else 0)
             used = (avail + 6 + 2 * self.size + 3) // 4 * 4 + (r.choice([0x1000, 2]) if bad else 0)
             if r.randrange(10) == 0:
-                used = (base + reg.size - (6 + 8 * self.size)) // 4 * 4 + r.choice([0, 0, 4])
+                used = (reg.qva + reg.size - (6 + 8 * self.size)) // 4 * 4 + r.choice([0, 0, 4])
         fl = 0 if r.randrange(8) else p.VRING_F_LOG
         if bad and r.randrange(4) == 0:
             fl = r.choice([2, r.getrandbits(32)])

@@ -13,7 +13,8 @@ import pytest
 
 from gateway.datapath.port import MemoryPort
 from gateway.registry import Registry
-from gateway.testing.frontend import Frontend
+from gateway.testing.frontend import BUF_SIZE, Frontend, FrontendError
+from gateway.testing.vring_driver import DriverRing
 from gateway.vhost import backend as backend_mod
 from gateway.vhost import device as device_mod
 from gateway.vhost import protocol as p
@@ -395,6 +396,54 @@ def test_hostile_ring_marks_the_device_broken_and_spares_the_rest(gw):
         again.connect().setup()
         gw.events.wait("new", "bad", 3)
         assert bad_dev.state == "running"
+
+
+def test_rings_of_two_queues_over_the_same_bytes_are_refused(gw):
+    """Ring 1's avail ring placed over ring 0's used ring: each ring is legal
+    alone, together the RX worker's used entries would be read as TX avail
+    entries. Refused when the ring starts, like a used ring over its own
+    descriptor table; a new session recovers."""
+    dev, port, path = gw.device("vm0")
+    with Frontend(path) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+        tx, rx = fe.rings[1], fe.rings[0]
+        with pytest.raises((FrontendError, OSError)):  # closed instead of a REPLY_ACK
+            fe.request(Request.SET_VRING_ADDR, p.vring_addr(
+                1, fe.qva(tx.desc_gpa), fe.qva(tx.used_gpa), fe.qva(rx.used_gpa)))
+            fe.get_u64(Request.GET_FEATURES)
+        assert dev.state == "broken"
+        assert "ring 0: used ring" in dev.broken_reason
+        assert f"overlaps ring 1's avail ring at {fe.qva(rx.used_gpa):#x}" in dev.broken_reason
+    with Frontend(path) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0", 2)
+        fe.transmit(frames_of(3))
+        assert port.queue(0).wait_received(3, TIMEOUT) == frames_of(3)
+
+
+def test_rings_side_by_side_are_legal(gw):
+    """Ring 1 moved to start at the first 16-byte boundary after ring 0's used
+    ring (the tightest legal layout): accepted, frames intact both ways."""
+    dev, port, path = gw.device("vm0")
+    with Frontend(path) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+        rx = fe.rings[0]
+        end = rx.used_gpa + 6 + 8 * fe.queue_size
+        fe.get_vring_base(1)
+        fe.rings[1].release()
+        fe.rings[1] = DriverRing(fe.mem, (end + 15) & ~15, fe.queue_size, fe._buf_gpas[1],
+                                 BUF_SIZE, event_idx=bool(fe.features >> Net.RING_EVENT_IDX & 1))
+        assert fe.rings[1].desc_gpa - end < 16
+        fe.start_ring(1)
+        gw.events.wait("new", "vm0", 2)
+        fe.transmit(frames_of(20))
+        assert port.queue(0).wait_received(20, TIMEOUT) == frames_of(20)
+        fe.post_rx(20)
+        port.queue(0).inject(frames_of(20, seed=7))
+        assert fe.receive(20) == frames_of(20, seed=7)
+        assert dev.state == "running"
 
 
 def _lie(fe: Frontend) -> None:

@@ -295,6 +295,15 @@ def used_over_desc(fe: LyingGuest, far: FarHost, mac: str) -> None:
         fe.request(Request.SET_VRING_ADDR, p.vring_addr(1, desc, desc, fe.qva(tx.avail_gpa)))
 
 
+def avail_over_other_used(fe: LyingGuest, far: FarHost, mac: str) -> None:
+    """The TX ring re-addressed with its avail ring on the RX ring's used ring:
+    each ring legal alone, the two sharing bytes."""
+    tx, rx = fe.rings[1], fe.rings[0]
+    with pytest.raises((FrontendError, OSError)):  # REPLY_ACK: the daemon hangs up instead
+        fe.request(Request.SET_VRING_ADDR, p.vring_addr(
+            1, fe.qva(tx.desc_gpa), fe.qva(tx.used_gpa), fe.qva(rx.used_gpa)))
+
+
 def readonly_rx(fe: LyingGuest) -> None:
     fe.mem[DATA : DATA + 2048] = b"\x5a" * 2048  # must still be there afterwards
     rx = fe.rings[0]
@@ -334,6 +343,9 @@ LIES = [
         avail_jump, kick_tx, "reattach"),
     Lie("used ring over the descriptor table", ("ring 1: used ring", "overlaps the desc ring"),
         no_write, used_over_desc, "reconnect"),
+    Lie("TX avail ring over the RX used ring",
+        ("ring 0: used ring", "overlaps ring 1's avail ring"),
+        no_write, avail_over_other_used, "reconnect"),
     Lie("write-only descriptor on TX", ("GW_E_DIRECTION", "flags 0x2"),
         tx_chain((DATA, 12, F_NEXT, H + 1), (DATA + 64, 64, F_WRITE, 0)), kick_tx),
     Lie("read-only descriptor on RX", ("GW_E_DIRECTION", "flags 0x0"),

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from gateway.datapath.port import Port
 from gateway.datapath.worker import QueuePairWorker
+from gateway.vhost._state import RingState
 from gateway.vhost.backend import Refused, VhostConnection
 from gateway.vhost.dirtylog import covers
 from gateway.vhost.memory import MemoryTableError
@@ -245,6 +246,7 @@ class VhostDevice:
                     raise ProtocolError(f"ring {index}: {what} ring at {qva:#x}+{length} "
                                         f"overlaps the {other} ring at {start:#x}+{n}")
             spans.append((what, qva, length))
+        _check_other_rings(conn, index, spans, packed)
         if packed:  # the base may predate the size (or the features)
             try:
                 packed_base(ring.base, size)
@@ -348,6 +350,30 @@ class VhostDevice:
                     except OSError:
                         pass
         self.on_broken()
+
+
+def _check_other_rings(conn: VhostConnection, index: int, spans: list[tuple[str, int, int]],
+                       packed: bool) -> None:
+    """Refuse a ring that shares bytes with another started ring.
+
+    Two queues over the same bytes would have one worker's used entries (or
+    its descriptor reads) land in another ring's parts, from two threads: the
+    guest gets rings that lie by construction, and what each worker reads is
+    written by the other. QEMU and DPDK place every ring apart. A ring
+    started later is checked against this one when it starts; stopped rings
+    (GET_VRING_BASE) are not checked, as a device reset moves them."""
+    for other in conn.rings:
+        if (other.index == index or other.state is not RingState.STARTED
+                or other.size is None or other.addr is None):
+            continue
+        a = other.addr
+        for o_what, o_start, o_len in zip(("desc", "avail", "used"), (a.desc, a.avail, a.used),
+                                          ring_sizes(other.size, packed), strict=True):
+            for what, start, length in spans:
+                if start < o_start + o_len and o_start < start + length:
+                    raise ProtocolError(
+                        f"ring {index}: {what} ring at {start:#x}+{length} overlaps "
+                        f"ring {other.index}'s {o_what} ring at {o_start:#x}+{o_len}")
 
 
 def _offloads(port: Port) -> bool:
