@@ -28,6 +28,7 @@ from gateway.testing.qmp import Qmp
 from gateway.testing.vlanhost import FarVlanTap
 from gateway.vhost.transport import VhostService
 from gateway.virtio.features import Net, Proto
+from gateway.virtio.ring import ring_sizes
 from gateway.xdp.nic import Nic
 from gateway.xdp.program import steer_key
 
@@ -111,6 +112,33 @@ def _device(registry: Registry, name: str, port: XdpPort):
     return registry.create(name, port, max_mtu=port.max_mtu)
 
 
+def _ring_spans(dev) -> list[tuple[int, int]]:
+    """(GPA, length) of every part of the device's rings: for packed rings the
+    descriptor ring (used descriptors land there) and both event areas."""
+    conn = dev.conn
+    packed = bool(conn.acked_features >> Net.RING_PACKED & 1)
+    spans = []
+    for r in conn.rings[:2]:
+        for qva, n in zip((r.addr.desc, r.addr.avail, r.addr.used),
+                          ring_sizes(r.size, packed), strict=True):
+            spans.append((conn.memory.qva_to_gpa(qva, n), n))
+    return spans
+
+
+def _ring_diff(q_src: Qmp, q_dst: Qmp, spans, tmp_path) -> list[int]:
+    """GPAs of the ring parts that differ between the stopped source and the
+    destination that has not run yet: what the dirty log failed to carry."""
+    mem = []
+    for q, name in ((q_src, "src.ram"), (q_dst, "dst.ram")):
+        q.execute("pmemsave", val=0, size=MEMORY_MB << 20, filename=str(tmp_path / name))
+        mem.append((tmp_path / name).read_bytes())
+        (tmp_path / name).unlink()
+    a, b = mem
+    assert len(a) == len(b) == MEMORY_MB << 20
+    assert any(a[g:g + n].strip(b"\0") for g, n in spans)  # rings the guest did fill
+    return [g for g, n in spans if a[g:g + n] != b[g:g + n]]
+
+
 @dataclass
 class Migrated:
     """What a test checks beyond what every migration must do."""
@@ -169,9 +197,12 @@ def _migrate(tmp_path, *, device_opts: str = "", vlan: int = 0) -> Migrated:
                 service.listen(dst, str(tmp_path / "dst.sock"))
                 dst_common = dict(common, nics=[qemu.VhostUserNic(
                     socket=tmp_path / "dst.sock", mac=GUEST_MAC, device_opts=device_opts)])
+                # -S: the destination stays paused once the state is in, so its
+                # memory can be compared with the source's before it runs.
                 with qemu.QemuGuest(image.kernel, initrd, **dst_common,
                                     qmp=tmp_path / "dst.qmp",
                                     incoming=f"unix:{tmp_path / 'mig.sock'}",
+                                    extra_args=["-S"],
                                     log_path=tmp_path / "dst.log") as vm_dst:
                     q_src, q_dst = Qmp(tmp_path / "src.qmp"), Qmp(tmp_path / "dst.qmp")
                     q_dst.execute("query-status")  # dst is up and listening
@@ -197,8 +228,14 @@ def _migrate(tmp_path, *, device_opts: str = "", vlan: int = 0) -> Migrated:
                         "MIGRATION", lambda d: d["status"] in ("completed", "failed",
                                                                "cancelled"), timeout=240)
                     assert ev["data"]["status"] == "completed", vm_src.tail()
-                    q_dst.wait_event("RESUME", timeout=60)
                     assert src.stats()["log_miss"] == 0
+                    # The rings reached the destination as the source left
+                    # them: used entries (for packed rings, used descriptors in
+                    # the descriptor ring) and event areas, all logged.
+                    diff = _ring_diff(q_src, q_dst, _ring_spans(src), tmp_path)
+                    assert diff == [], f"ring parts differ at {[hex(g) for g in diff]}"
+                    q_dst.execute("cont")
+                    q_dst.wait_event("RESUME", timeout=60)
 
                     # The announce reached the wire, ping replies come to the
                     # destination, and the MAC is steered there.
