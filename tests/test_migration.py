@@ -7,6 +7,12 @@ LOG_ALL); the destination device is attached as the source's migration twin
 it. A far host streams position-dependent bytes to the guest across the whole
 migration: a page the gateway wrote but did not log would reach the
 destination stale, and the md5 the guest prints at the end would differ.
+The destination is started paused (-S) so its rings can be compared byte for
+byte with those the stopped source left before it runs.
+
+The same migration runs with split rings, with packed rings (used descriptors
+written into the descriptor ring, logged at their own GPA) and with both
+devices on VLAN 100 (the far end behind vlanhost.FarVlanTap).
 """
 
 from __future__ import annotations
@@ -280,6 +286,7 @@ def test_live_migration_keeps_tcp_and_ping_and_moves_the_mac(tmp_path):
     r = _migrate(tmp_path)
     assert not any(f >> Net.RING_PACKED & 1 for f in r.features)
     assert r.rarp_vlan == 0
+    assert r.dst_rx_bytes > STREAM_BYTES // 2
 
 
 def test_live_migration_of_packed_rings_keeps_tcp_and_ping(tmp_path):
