@@ -18,11 +18,19 @@ the far stack would see it, untagged.
 
 Run in the far namespace as `python -m gateway.testing.vlanhost IFACE VID=IP ...`;
 commands come as JSON lines on stdin, events go out as JSON lines on stdout.
+
+What needs the far kernel's own stack on a VLAN (TCP, with its retransmissions
+and windows) gets `FarVlanTap` instead: a tap device carrying the VLAN's
+address, whose frames a relay process tags onto the wire and whose VLAN's
+frames it untags into the tap -- a VLAN subinterface in user space
+(`python -m gateway.testing.vlanhost --tap IFACE VID IP/LEN`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import queue
 import socket
 import struct
@@ -140,7 +148,73 @@ class _Host:
         self.emit(ev="done", cmd=c["cmd"], vid=vid)
 
 
+TUNSETIFF, IFF_TAP, IFF_NO_PI = 0x400454CA, 0x0002, 0x1000
+
+
+def tap_main(iface: str, vid: int, addr: str) -> None:
+    """The relay: wire frames of VLAN `vid` into the tap untagged, the tap's
+    frames onto the wire tagged. The tap shares the wire interface's MAC, as a
+    VLAN subinterface would, and lives as long as this process."""
+    name = f"{iface[:10]}.{vid}"  # IFNAMSIZ: 15 characters at most
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+    sock.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE: bursts outrun us
+    sock.bind((iface, ETH_P_ALL))
+    mac = sock.getsockname()[4][:6].hex(":")
+    # No IPv6 on the tap: its router solicitations would reach the guest's VLAN.
+    with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+        f.write("1")
+    subprocess.run(["ip", "link", "set", name, "address", mac, "up"], check=True)
+    subprocess.run(["ip", "addr", "add", addr, "dev", name], check=True)
+
+    def wire_to_tap() -> None:
+        while True:
+            data, anc, _, sll = sock.recvmsg(65536, socket.CMSG_SPACE(AUXDATA.size))
+            if sll[2] == PACKET_OUTGOING:
+                continue
+            f, tci = vlan_of(data, anc)
+            if tci is not None and tci & 0xFFF == vid:
+                os.write(fd, f)
+
+    threading.Thread(target=wire_to_tap, daemon=True).start()
+    print("ready", name, mac, flush=True)
+    while True:
+        sock.send(tag(os.read(fd, 65536), vid))
+
+
+class FarVlanTap:
+    """A far-host address on VLAN `vid` with the far kernel's whole stack behind
+    it: servers bind to `ip` in the far namespace as on any interface."""
+
+    def __init__(self, topo, vid: int, ip: str, prefix_len: int = 24) -> None:
+        self.ip = ip
+        self.proc = topo.popen(sys.executable, "-m", "gateway.testing.vlanhost", "--tap",
+                               topo.peer, str(vid), f"{ip}/{prefix_len}",
+                               stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().split()
+        if line[:1] != ["ready"]:
+            self.close()
+            raise RuntimeError(f"the VLAN {vid} tap relay did not start: {line}")
+        self.name, self.mac = line[1], line[2]
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+
+    def __enter__(self) -> FarVlanTap:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def main(argv: list[str]) -> None:
+    if argv[0] == "--tap":
+        tap_main(argv[1], int(argv[2]), argv[3])
+        return
     iface = argv[0]
     ips = {int(v): ip for v, ip in (a.split("=") for a in argv[1:])}
     host = _Host(iface, ips)
