@@ -79,7 +79,7 @@ static int packed_chain_start(struct chain *c, struct gw_vq *vq, const struct cu
     c->ndesc = 0;
     c->limit = vq->size - cur->ndesc;
     c->walked = 0;
-    c->allow = GW_MAX_CHAIN;
+    c->allow = GW_MAX_CHAIN_READS;
     return 1;
 }
 

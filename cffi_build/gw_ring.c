@@ -144,7 +144,7 @@ struct chain {
     uint8_t first;          /* pos is the head, whose flags were checked */
     uint32_t ndesc;         /* ring descriptors read */
     uint32_t limit;         /* ring descriptors this chain may take */
-    uint32_t walked;        /* descriptors read, ring and indirect (<= GW_MAX_CHAIN) */
+    uint32_t walked;        /* descriptors read, ring and indirect (<= GW_MAX_CHAIN_READS) */
     uint32_t allow;         /* RX: reads left to the frame; past it chain_next says WALK_OUT */
 };
 
@@ -156,7 +156,7 @@ struct chain {
    vhost-net's UIO_MAXIOV); a frame out of its allowance stops quietly. */
 static int walk_one(struct chain *c)
 {
-    if (c->walked >= GW_MAX_CHAIN)
+    if (c->walked >= GW_MAX_CHAIN_READS)
         return fail(c->vq, GW_E_CHAIN_LONG, c->walked + 1);
     if (c->walked >= c->allow)
         return WALK_OUT;
@@ -179,7 +179,7 @@ static int chain_start(struct chain *c, struct gw_vq *vq, uint16_t head)
     c->in_indirect = 0;
     c->head = head;
     c->walked = 0;
-    c->allow = GW_MAX_CHAIN;
+    c->allow = GW_MAX_CHAIN_READS;
     return 0;
 }
 
@@ -361,10 +361,10 @@ static void walk_done(struct gw_vq *vq, uint32_t walked)
 }
 
 /* May a burst that has read walked descriptors start one more chain (TX) or
-   frame (RX)? Either reads at most GW_MAX_CHAIN. */
+   frame (RX)? Either reads at most GW_MAX_CHAIN_READS. */
 static inline int walk_room(uint32_t walked)
 {
-    return walked + GW_MAX_CHAIN <= GW_BURST_WALK;
+    return walked + GW_MAX_CHAIN_READS <= GW_BURST_WALK;
 }
 
 int gw_vq_pending(struct gw_vq *vq)
@@ -606,7 +606,7 @@ int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
                 cur = cur0;
                 goto out;
             }
-            c.allow = GW_MAX_CHAIN - fwalk;
+            c.allow = GW_MAX_CHAIN_READS - fwalk;
             while ((r = chain_next(&c, &d)) > 0) {
                 if (!(d.flags & DESC_F_WRITE)) {
                     walk_done(vq, walked + c.walked);
@@ -617,7 +617,7 @@ int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
             fwalk += c.walked;
             walked += c.walked;
             if (r == WALK_OUT) {
-                fits = 0;               /* GW_MAX_CHAIN descriptors and still no room */
+                fits = 0;               /* GW_MAX_CHAIN_READS descriptors and still no room */
                 break;
             }
             if (r < 0) {

@@ -24,14 +24,16 @@
 #define GW_E_DIRECTION 7     /* device-writable desc on a TX queue, or read-only on RX */
 #define GW_E_BUF_ID 8        /* packed: buffer id of a chain's last descriptor >= size */
 #define GW_E_WRAP 9          /* packed: a later descriptor of a chain not available in this wrap */
-#define GW_E_CHAIN_LONG 10   /* a chain of more than GW_MAX_CHAIN descriptors (ring + indirect) */
+#define GW_E_CHAIN_LONG 10   /* a chain of more than GW_MAX_CHAIN_READS descriptor reads (ring + indirect) */
 
 /* Work bounds (issue 12), as vhost-net's UIO_MAXIOV and its per-pass weight:
    a chain may hold at most GW_MAX_CHAIN descriptors, ring and indirect
-   entries together; a burst reads at most GW_BURST_WALK descriptors across
+   entries together (GW_MAX_CHAIN_READS reads counting the descriptor that
+   points at an indirect table, so a full 1024-entry table stays legal); a burst reads at most GW_BURST_WALK descriptors across
    its chains. A chain that could overrun the budget is left for the next
    burst; since GW_MAX_CHAIN < GW_BURST_WALK every burst takes at least one. */
 #define GW_MAX_CHAIN 1024
+#define GW_MAX_CHAIN_READS 1025   /* GW_MAX_CHAIN plus the indirect descriptor naming a table */
 #define GW_BURST_WALK 4096
 
 /* Dirty-log bytes a burst collects before it ORs them into the log (gw_log.h). */

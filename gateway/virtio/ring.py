@@ -352,7 +352,7 @@ def error_text(code: int, detail: int, size: int) -> str:
         why = (f"descriptor flags {detail:#x} in a packed chain are not available "
                "in the chain's wrap")
     elif code == lib.GW_E_CHAIN_LONG:
-        why = f"chain reached {detail} descriptors, more than {lib.GW_MAX_CHAIN}"
+        why = f"chain reached {detail} descriptors, more than {lib.GW_MAX_CHAIN_READS}"
     else:
         why = f"detail {detail:#x}"
     return f"{name}: {why}"
