@@ -356,6 +356,7 @@ static void cursor_commit(struct gw_vq *vq, const struct cursor *cur)
 static void walk_done(struct gw_vq *vq, uint32_t walked)
 {
     vq->walked = walked;
+    vq->walked_total += walked;
     if (walked > vq->walked_max)
         vq->walked_max = walked;
 }

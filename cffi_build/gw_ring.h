@@ -137,6 +137,7 @@ struct gw_vq {
        stay available, as vhost-net discards). */
     uint32_t walked;
     uint32_t walked_max;
+    uint64_t walked_total;      /* over the queue's life: the pump's throttle compares passes */
     uint64_t drop_no_room;
     /* RX stall: a frame ran out of available chains at stall_idx (split: the
        avail->idx the burst saw; packed: the ring position, stall_wrap its

@@ -280,6 +280,11 @@ class VirtQueue:
         return self._vq.walked
 
     @property
+    def walked_total(self) -> int:
+        """Descriptors read over the queue's life (the worker's throttle)."""
+        return self._vq.walked_total
+
+    @property
     def walked_max(self) -> int:
         """The most descriptors any burst of this queue read."""
         return self._vq.walked_max
