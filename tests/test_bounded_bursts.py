@@ -8,9 +8,13 @@ bound is asserted by counting, never by timing. Drops are counted exactly.
 from __future__ import annotations
 
 import mmap
+import threading
+import time
 
 import pytest
 
+from gateway.datapath.port import MemoryPort
+from gateway.datapath.worker import QueuePairWorker, wasteful
 from gateway.testing import attacker
 from gateway.testing.packed_driver import PackedRing
 from gateway.testing.vring_driver import DriverRing
@@ -185,3 +189,37 @@ def test_rx_stall_sleeps_until_the_guest_adds_a_buffer(packed, event_idx):
     assert got[hdr:] == frame
     assert sum(n for _, n in used) == hdr + len(frame)
     assert env.vq.stats["drop_no_room"] == 0
+
+
+def test_worker_throttles_a_pass_that_walks_for_nothing():
+    """A worker without a pump (MemoryPort) pauses after a pass that walked
+    thousands of descriptors and moved nothing; stop() still returns."""
+    assert wasteful(3072, 0) and not wasteful(1024, 0) and not wasteful(3072, 64)
+    tx, rx = Env(1024), Env(256, mrg_rxbuf=True)
+    tx.arm(1024, write=False)
+    port = MemoryPort()
+    broken = []
+    w = QueuePairWorker("attacked", rx.vq, tx.vq, None, None, port.queue(0), broken.append)
+    halt = threading.Event()
+
+    def rearm():
+        while not halt.is_set():
+            attacker.split_rearm(tx.drv)
+            halt.wait(0.001)
+
+    t = threading.Thread(target=rearm, daemon=True)
+    t.start()
+    w.start()
+    try:
+        deadline = time.monotonic() + 30
+        while w.throttled < 3:
+            assert time.monotonic() < deadline, "never throttled"
+            halt.wait(0.01)
+        assert tx.vq.walked_max <= BUDGET
+        assert tx.vq.stats["drop_short"] > 0 and tx.vq.stats["packets"] == 0
+    finally:
+        halt.set()
+        t.join(10)
+        w.stop()
+        port.close()
+    assert broken == []
