@@ -31,6 +31,12 @@
 
 static void log_flush(struct gw_vq *vq)
 {
+    /* Release: the bytes we wrote into guest memory must be visible before
+       any dirty bit QEMU can see; QEMU reads the log with an atomic exchange
+       and then copies the page. Without the fence the compiler (or a weaker
+       CPU than x86) may move the OR ahead of the data stores, and QEMU could
+       send the old page and clear the bit for good. */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
     for (uint32_t i = 0; i < vq->log_n; i++)
         __atomic_fetch_or(vq->log + vq->log_off[i], vq->log_bits[i], __ATOMIC_RELAXED);
     vq->log_n = 0;

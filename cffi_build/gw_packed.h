@@ -78,6 +78,8 @@ static int packed_chain_start(struct chain *c, struct gw_vq *vq, const struct cu
     c->first = 1;
     c->ndesc = 0;
     c->limit = vq->size - cur->ndesc;
+    c->walked = 0;
+    c->allow = GW_MAX_CHAIN_READS;
     return 1;
 }
 
@@ -90,6 +92,9 @@ static int packed_chain_next(struct chain *c, struct desc *d)
         if (c->in_indirect) {
             if (c->idx >= c->tsize)
                 return 0;
+            int w = walk_one(c);
+            if (w < 0)
+                return w;
             copy_from_guest(vq->mem, &p, c->ind_gpa + 16 * (uint64_t)c->idx++, 16);
             compiler_barrier();
             if (p.flags & DESC_F_INDIRECT)
@@ -99,6 +104,9 @@ static int packed_chain_next(struct chain *c, struct desc *d)
                 return 0;
             if (++c->ndesc > c->limit)
                 return fail(vq, GW_E_CHAIN_LOOP, c->ndesc);
+            int w = walk_one(c);
+            if (w < 0)
+                return w;
             memcpy(&p, vq->desc + 16 * (size_t)c->pos, 16);
             compiler_barrier();
             /* The head's flags were checked with acquire; the rest of the
@@ -275,7 +283,10 @@ static int packed_set_notify(struct gw_vq *vq, int enable)
     if (pk_pos_ok(vq) < 0)
         return -1;
     if (enable && vq->event_idx) {
-        st16(vq->used, (uint16_t)(vq->last_avail | (uint16_t)vq->avail_wrap << 15));
+        /* Stalled RX: the chains before the stall point were tried already. */
+        uint16_t pos = vq->stalled ? vq->stall_idx : vq->last_avail;
+        uint8_t wrap = vq->stalled ? vq->stall_wrap : vq->avail_wrap;
+        st16(vq->used, (uint16_t)(pos | (uint16_t)wrap << 15));
         flags = PK_EVENT_DESC;
     } else if (enable) {
         flags = PK_EVENT_ENABLE;
@@ -284,7 +295,7 @@ static int packed_set_notify(struct gw_vq *vq, int enable)
     log_used(vq, 0, 4);
     log_sync(vq);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    return packed_pending(vq);
+    return gw_vq_pending(vq);
 }
 
 #endif

@@ -144,7 +144,25 @@ struct chain {
     uint8_t first;          /* pos is the head, whose flags were checked */
     uint32_t ndesc;         /* ring descriptors read */
     uint32_t limit;         /* ring descriptors this chain may take */
+    uint32_t walked;        /* descriptors read, ring and indirect (<= GW_MAX_CHAIN_READS) */
+    uint32_t allow;         /* RX: reads left to the frame; past it chain_next says WALK_OUT */
 };
+
+/* chain_next: the frame's walk allowance is spent (not a guest error). */
+#define WALK_OUT (-2)
+
+/* Called before every descriptor read, ring or indirect. A chain longer than
+   GW_MAX_CHAIN is a lie (no driver builds one: Linux's limit is the same as
+   vhost-net's UIO_MAXIOV); a frame out of its allowance stops quietly. */
+static int walk_one(struct chain *c)
+{
+    if (c->walked >= GW_MAX_CHAIN_READS)
+        return fail(c->vq, GW_E_CHAIN_LONG, c->walked + 1);
+    if (c->walked >= c->allow)
+        return WALK_OUT;
+    c->walked++;
+    return 0;
+}
 
 static int packed_chain_next(struct chain *c, struct desc *d);
 
@@ -160,6 +178,8 @@ static int chain_start(struct chain *c, struct gw_vq *vq, uint16_t head)
     c->more = 1;
     c->in_indirect = 0;
     c->head = head;
+    c->walked = 0;
+    c->allow = GW_MAX_CHAIN_READS;
     return 0;
 }
 
@@ -178,6 +198,9 @@ static int chain_next(struct chain *c, struct desc *d)
         /* A chain can use each table entry once; more means a loop. */
         if (++c->count > c->tsize)
             return fail(vq, GW_E_CHAIN_LOOP, c->count);
+        int w = walk_one(c);
+        if (w < 0)
+            return w;
         if (c->in_indirect)
             copy_from_guest(vq->mem, d, c->ind_gpa + 16 * (uint64_t)c->idx, 16);
         else
@@ -329,13 +352,40 @@ static void cursor_commit(struct gw_vq *vq, const struct cursor *cur)
     used_publish(vq, cur->used);
 }
 
+/* The end of a burst: how far it walked, for tests and the worker's throttle. */
+static void walk_done(struct gw_vq *vq, uint32_t walked)
+{
+    vq->walked = walked;
+    vq->walked_total += walked;
+    if (walked > vq->walked_max)
+        vq->walked_max = walked;
+}
+
+/* May a burst that has read walked descriptors start one more chain (TX) or
+   frame (RX)? Either reads at most GW_MAX_CHAIN_READS. */
+static inline int walk_room(uint32_t walked)
+{
+    return walked + GW_MAX_CHAIN_READS <= GW_BURST_WALK;
+}
+
 int gw_vq_pending(struct gw_vq *vq)
 {
     if (vq->error)
         return -1;
-    if (vq->packed)
+    if (vq->packed) {
+        if (vq->stalled) {
+            if (pk_pos_ok(vq) < 0 || vq->stall_idx >= vq->size)
+                return fail(vq, GW_E_AVAIL_IDX, vq->stall_idx);
+            /* Nothing new until the guest makes the stall point available. */
+            return pk_avail(pk_flags_acquire(vq, vq->stall_idx), vq->stall_wrap);
+        }
         return packed_pending(vq);
-    return avail_count(vq);
+    }
+    int n = avail_count(vq);
+    if (n > 0 && vq->stalled
+        && __atomic_load_n((uint16_t *)(vq->avail + AVAIL_IDX), __ATOMIC_RELAXED) == vq->stall_idx)
+        return 0;       /* what is there was tried already; wait for more */
+    return n;
 }
 
 /* ---- TX: guest -> us --------------------------------------------------- */
@@ -348,14 +398,16 @@ int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
     if (vq->error || cursor_begin(vq, &cur) < 0)
         return -1;
 
-    unsigned got = 0;
+    unsigned got = 0, taken = 0;
     uint64_t bytes = 0, too_big = 0, short_ = 0;
+    uint32_t walked = 0;
     int big_used = 0;
 
     vq->big_slot = -1;
-    /* Dropped chains use no output slot, so stop on either limit; after a
-       frame in big, stop too: big holds one per burst. */
-    while (got < n && !big_used) {
+    /* Every chain taken counts toward n, dropped or not (got <= taken), and
+       the walk budget bounds the descriptors read; after a frame in big,
+       stop too: big holds one per burst. */
+    while (taken < n && !big_used && walk_room(walked)) {
         struct chain c;
         struct desc d;
         uint64_t skip = vq->hdr_len, flen = 0, room = cap;
@@ -374,8 +426,10 @@ int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
            was fully checked. The header may span descriptors (ANY_LAYOUT). */
         while ((r = chain_next(&c, &d)) > 0) {
             uint64_t a = d.addr, l = d.len;
-            if (d.flags & DESC_F_WRITE)
+            if (d.flags & DESC_F_WRITE) {
+                walk_done(vq, walked + c.walked);
                 return fail(vq, GW_E_DIRECTION, d.flags);
+            }
             if (skip) {
                 uint64_t s = min64(skip, l);
                 if (hdr)
@@ -396,10 +450,14 @@ int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
                 copy_from_guest(vq->mem, dst + flen, a, min64(l, room - flen));
             flen += l;
         }
-        if (r < 0)
+        walked += c.walked;
+        if (r < 0) {
+            walk_done(vq, walked);
             return -1;
+        }
 
         cursor_take(vq, &cur, &c, 0);           /* TX used len: nothing written */
+        taken++;
         if (flen > room) {
             too_big++;
         } else if (flen == 0) {
@@ -415,6 +473,7 @@ int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,
     }
 
     cursor_commit(vq, &cur);
+    walk_done(vq, walked);
     vq->packets += got;
     vq->bytes += bytes;
     vq->drop_too_big += too_big;
@@ -469,6 +528,29 @@ static uint64_t rx_put(struct rx_writer *w, uint64_t gpa, uint64_t len)
     return done;
 }
 
+/* Was a frame of total bytes dropped for no room against this very ring
+   state? The chains a frame walked are available and the driver may not
+   change them (2.7.13 / 2.8.21), so only taking chains (a moved position,
+   which a shorter frame can do), more chains (split: a moved avail->idx) or
+   a reset of the ring (Python clears the memo) can make room. */
+static int noroom_same(const struct gw_vq *vq, const struct cursor *cur, uint64_t total)
+{
+    if (!vq->noroom_valid || total < vq->noroom_len || cur->avail != vq->noroom_avail)
+        return 0;
+    if (vq->packed)
+        return cur->avail_wrap == vq->noroom_wrap;
+    return (uint16_t)(cur->avail + cur->left) == vq->noroom_idx;
+}
+
+static void noroom_note(struct gw_vq *vq, const struct cursor *cur0, uint64_t total)
+{
+    vq->noroom_valid = 1;
+    vq->noroom_len = (uint32_t)total;
+    vq->noroom_avail = cur0->avail;
+    vq->noroom_wrap = cur0->avail_wrap;
+    vq->noroom_idx = (uint16_t)(cur0->avail + cur0->left);
+}
+
 int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
                    const uint32_t *lens, unsigned n)
 {
@@ -478,48 +560,91 @@ int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
         return -1;
 
     unsigned i;
-    uint64_t packets = 0, bytes = 0, too_big = 0;
+    uint64_t packets = 0, bytes = 0, too_big = 0, no_room = 0;
+    uint32_t walked = 0;
 
+    vq->stalled = 0;
     for (i = 0; i < n; i++) {
         struct rx_writer w = { vq, vq->mem, base + offs[i], vq->hdr_len,
                                (uint64_t)vq->hdr_len + lens[i], 0, { NULL, NULL }, { 0, 0 },
                                vq->rx_flags ? vq->rx_flags[i] : 0 };
         struct cursor cur0 = cur;
         int nbufs = 0, fits = 1;
+        uint32_t fwalk = 0;             /* descriptors this frame read */
 
+        if (!walk_room(walked))
+            goto out;                   /* budget spent: frame i waits for the next burst */
+        if (noroom_same(vq, &cur, w.total)) {
+            no_room++;
+            continue;
+        }
         while (w.pos < w.total) {
             struct chain c;
             struct desc d;
             uint64_t wrote = 0;
             int r = cursor_chain(vq, &cur, &c);
 
-            if (r < 0)
+            if (r < 0) {
+                walk_done(vq, walked);
                 return -1;
+            }
             if (r == 0) {
+                if ((!vq->packed && (uint16_t)(cur.avail - cur0.avail) == vq->size)
+                    || (vq->packed && cur.ndesc - cur0.ndesc >= vq->size)) {
+                    /* The whole ring cannot hold it: no room, ever. */
+                    fits = 0;
+                    break;
+                }
                 /* Out of guest buffers mid-frame: forget this frame's chains
                    (nothing of it is published) and retry it next burst. */
+                if (!vq->packed || cur.ndesc < vq->size) {
+                    /* The guest has nothing more: remember where, so the
+                       worker sleeps until it adds a buffer there. */
+                    vq->stalled = 1;
+                    vq->stall_idx = cur.avail;
+                    vq->stall_wrap = cur.avail_wrap;
+                }
                 cur = cur0;
                 goto out;
             }
+            c.allow = GW_MAX_CHAIN_READS - fwalk;
             while ((r = chain_next(&c, &d)) > 0) {
-                if (!(d.flags & DESC_F_WRITE))
+                if (!(d.flags & DESC_F_WRITE)) {
+                    walk_done(vq, walked + c.walked);
                     return fail(vq, GW_E_DIRECTION, d.flags);
+                }
                 wrote += rx_put(&w, d.addr, d.len);
             }
-            if (r < 0)
+            fwalk += c.walked;
+            walked += c.walked;
+            if (r == WALK_OUT) {
+                fits = 0;               /* GW_MAX_CHAIN_READS descriptors and still no room */
+                break;
+            }
+            if (r < 0) {
+                walk_done(vq, walked);
                 return -1;
+            }
             if (!vq->mrg_rxbuf && w.pos < w.total) {
                 /* Without MRG_RXBUF a frame must fit one chain. The chain
                    stays available for the next frame; the bytes we left in
                    it are garbage the guest never sees. */
-                fits = 0;
+                fits = -1;
                 break;
             }
             cursor_take(vq, &cur, &c, (uint32_t)wrote);
             nbufs++;
         }
-        if (!fits) {
+        if (fits < 0) {
             too_big++;
+            continue;
+        }
+        if (!fits) {
+            /* As vhost-net discards: the frame goes, the chains it wrote
+               garbage into stay available (nothing was published). */
+            cur = cur0;
+            noroom_note(vq, &cur0, w.total);
+            no_room++;
             continue;
         }
         /* num_buffers exists with a 12-byte header; without MRG_RXBUF the
@@ -535,9 +660,11 @@ int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
     }
 out:
     cursor_commit(vq, &cur);
+    walk_done(vq, walked);
     vq->packets += packets;
     vq->bytes += bytes;
     vq->drop_too_big += too_big;
+    vq->drop_no_room += no_room;
     return (int)i;
 }
 
@@ -581,7 +708,8 @@ int gw_vq_set_notify(struct gw_vq *vq, int enable)
     if (vq->event_idx) {
         /* Kick us as soon as anything past what we have taken is added. */
         if (enable) {
-            st16(vq->used + USED_ELEM(vq->size), vq->last_avail);
+            /* Stalled RX: the entries up to stall_idx were tried already. */
+            st16(vq->used + USED_ELEM(vq->size), vq->stalled ? vq->stall_idx : vq->last_avail);
             log_used(vq, USED_ELEM(vq->size), 2);
         }
     } else {

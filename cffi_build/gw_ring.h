@@ -24,6 +24,17 @@
 #define GW_E_DIRECTION 7     /* device-writable desc on a TX queue, or read-only on RX */
 #define GW_E_BUF_ID 8        /* packed: buffer id of a chain's last descriptor >= size */
 #define GW_E_WRAP 9          /* packed: a later descriptor of a chain not available in this wrap */
+#define GW_E_CHAIN_LONG 10   /* a chain of more than GW_MAX_CHAIN_READS descriptor reads (ring + indirect) */
+
+/* Work bounds (issue 12), as vhost-net's UIO_MAXIOV and its per-pass weight:
+   a chain may hold at most GW_MAX_CHAIN descriptors, ring and indirect
+   entries together (GW_MAX_CHAIN_READS reads counting the descriptor that
+   points at an indirect table, so a full 1024-entry table stays legal); a burst reads at most GW_BURST_WALK descriptors across
+   its chains. A chain that could overrun the budget is left for the next
+   burst; since GW_MAX_CHAIN < GW_BURST_WALK every burst takes at least one. */
+#define GW_MAX_CHAIN 1024
+#define GW_MAX_CHAIN_READS 1025   /* GW_MAX_CHAIN plus the indirect descriptor naming a table */
+#define GW_BURST_WALK 4096
 
 /* Dirty-log bytes a burst collects before it ORs them into the log (gw_log.h). */
 #define GW_LOG_CACHE 32
@@ -119,6 +130,30 @@ struct gw_vq {
     uint8_t signalled_wrap;
     uint64_t desc_gpa;
     struct gw_used_elem *shadow;
+
+    /* Bounded bursts (issue 12). walked: descriptors the last burst read;
+       walked_max: the most any burst read. drop_no_room: RX frames that found
+       no room in GW_MAX_CHAIN descriptors or in the whole ring (the chains
+       stay available, as vhost-net discards). */
+    uint32_t walked;
+    uint32_t walked_max;
+    uint64_t walked_total;      /* over the queue's life: the pump's throttle compares passes */
+    uint64_t drop_no_room;
+    /* RX stall: a frame ran out of available chains at stall_idx (split: the
+       avail->idx the burst saw; packed: the ring position, stall_wrap its
+       wrap). Until the guest makes something new available there,
+       gw_vq_pending says 0 and set_notify asks for the kick at that point.
+       noroom_*: the length of a frame dropped for no room and the ring state
+       it saw; a frame at least that long meets the same ring and is dropped
+       without a walk. Python clears both when it sets ring positions. */
+    uint8_t stalled;
+    uint8_t stall_wrap;
+    uint16_t stall_idx;
+    uint8_t noroom_valid;
+    uint8_t noroom_wrap;
+    uint16_t noroom_avail;      /* last_avail when it failed */
+    uint16_t noroom_idx;        /* split: avail->idx it saw */
+    uint32_t noroom_len;
 };
 
 /* Guest TX -> caller buffers. Pops up to n chains; frame i (header stripped)

@@ -383,9 +383,11 @@ long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
     long moved = 0;
 
     p->idle = 0;
+    p->throttled = 0;
     for (;;) {
         unsigned waiting = 0;
         int n, k = 0, r;
+        uint64_t walk0 = p->txq->walked_total + p->rxq->walked_total, walk;
 
         p->passes++;
         n = gw_xsk_from_guest(p->txq, p->tx_u, p->tx, p->tx_fd, GW_BURST, p->local);
@@ -408,6 +410,11 @@ long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
         }
         p->waiting = waiting;
         moved += n + k;
+        walk = p->txq->walked_total + p->rxq->walked_total - walk0;
+        if (walk > GW_THROTTLE_WALK && walk > GW_THROTTLE_PER_FRAME * (uint64_t)(n + k)) {
+            p->throttled = 1;       /* the worker sleeps GW_THROTTLE_MS */
+            return moved;
+        }
         if ((p->local && p->local->n) || __atomic_exchange_n(p->attention, 0, __ATOMIC_ACQ_REL))
             return moved;
         t = now_ns();

@@ -85,6 +85,15 @@ unsigned gw_xsk_rx_waiting(struct xsk_ring_cons *rx);
    GW_PUMP_MAX_RX). Python fills it once when the worker starts. */
 #define GW_PUMP_MAX_RX 16
 
+/* A pass that read more than GW_THROTTLE_WALK descriptors and more than
+   GW_THROTTLE_PER_FRAME per frame it moved is a guest making us walk for
+   nothing (issue 12): gw_pump_run returns at once with throttled set and the
+   worker sleeps GW_THROTTLE_MS before the next pass, so such a guest costs a
+   bounded share of a CPU. Honest chains take 1..3 descriptors per frame. */
+#define GW_THROTTLE_WALK 1024
+#define GW_THROTTLE_PER_FRAME 64
+#define GW_THROTTLE_MS 1
+
 struct gw_rxsock {
     struct gw_umemq *u;
     struct xsk_ring_cons *rx;
@@ -104,6 +113,7 @@ struct gw_pump {
     unsigned waiting;          /* frames left in the RX rings: the guest had no buffers */
     int broken;                /* 1: the TX ring broke, 2: the RX ring (vq->error says how) */
     int idle;                  /* the last return was for spin_ns without a frame */
+    int throttled;             /* the last pass walked far more than it moved: sleep a little */
     uint64_t passes;           /* rounds over both directions, for profiles */
 };
 

@@ -23,7 +23,8 @@
  *     equal the avail ones (every chain taken is published);
  *   - a burst advances by at most size descriptors; if it advanced, the
  *     descriptor at the old position now reads as used in the old wrap;
- *   - TX lengths are 1..cap; packets (+ too-big drops on RX) = return value.
+ *   - TX lengths are 1..cap; packets (+ too-big and no-room drops on RX) =
+ *     return value; no burst reads more than GW_BURST_WALK descriptors.
  * ASan catches any access outside the regions, the frame buffers or the log.
  */
 #include <stddef.h>
@@ -147,7 +148,7 @@ struct snap {
     uint16_t last_avail, used_idx;
     uint8_t avail_wrap, used_wrap;
     uint32_t error;
-    uint64_t packets, bytes, too_big;
+    uint64_t packets, bytes, too_big, no_room;
 };
 
 static void take(struct snap *s, const struct gw_vq *vq)
@@ -160,6 +161,7 @@ static void take(struct snap *s, const struct gw_vq *vq)
     s->packets = vq->packets;
     s->bytes = vq->bytes;
     s->too_big = vq->drop_too_big;
+    s->no_room = vq->drop_no_room;
 }
 
 static void check_after(const struct gw_vq *vq, const struct snap *b, int ret,
@@ -299,8 +301,10 @@ static int one_input(struct in *in)
             CHECK(ret >= -1 && ret <= (int)n);
             for (int i = 0; i < ret; i++)
                 CHECK(lens[i] >= 1 && lens[i] <= cap);
-            if (ret >= 0)
+            if (ret >= 0) {
                 CHECK(vq->packets - b.packets == (uint64_t)ret);
+                CHECK(vq->walked <= GW_BURST_WALK);
+            }
             check_after(vq, &b, ret, ring_before, W.ring, ring_len, 1);
             ASAN_UNPOISON_MEMORY_REGION(out, len);
             free(out);
@@ -318,8 +322,11 @@ static int one_input(struct in *in)
             }
             ret = gw_vq_rx_burst(vq, frames, offs, lens, n);
             CHECK(ret >= -1 && ret <= (int)n);
-            if (ret >= 0)
-                CHECK(vq->packets - b.packets + vq->drop_too_big - b.too_big == (uint64_t)ret);
+            if (ret >= 0) {
+                CHECK(vq->packets - b.packets + vq->drop_too_big - b.too_big
+                      + vq->drop_no_room - b.no_room == (uint64_t)ret);
+                CHECK(vq->walked <= GW_BURST_WALK);
+            }
             check_after(vq, &b, ret, ring_before, W.ring, ring_len, 1);
             free(frames);
             break;

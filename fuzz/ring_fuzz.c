@@ -389,7 +389,11 @@ static void model_tx(struct model *m, struct tx_expect *e, uint32_t cap, unsigne
         return;
     }
     unsigned got = 0;
-    for (unsigned taken = 0; taken < avail && got < n; taken++) {
+    uint32_t walked = 0;
+    /* Every chain counts toward n (dropped ones too); a chain starts only if
+       a longest one (GW_MAX_CHAIN_READS) still fits the burst's walk budget. */
+    for (unsigned taken = 0; taken < avail && taken < n
+         && walked + GW_MAX_CHAIN_READS <= GW_BURST_WALK; taken++) {
         uint16_t head;
         uint8_t *hp = vq->avail + 4 + 2 * (size_t)((uint16_t)(last + taken) & (size - 1));
         model_read(m, hp, 2);
@@ -400,7 +404,7 @@ static void model_tx(struct model *m, struct tx_expect *e, uint32_t cap, unsigne
             return;
         }
         /* walk the chain */
-        uint32_t tsize = size, i = head, count = 0;
+        uint32_t tsize = size, i = head, count = 0, reads = 0;
         int in_ind = 0, more = 1;
         uint64_t ind_gpa = 0, skip = vq->hdr_len, flen = 0;
         uint8_t *out = e->frames + (size_t)got * cap;
@@ -411,6 +415,12 @@ static void model_tx(struct model *m, struct tx_expect *e, uint32_t cap, unsigne
                 e->error = GW_E_CHAIN_LOOP;
                 return;
             }
+            if (reads++ >= GW_MAX_CHAIN_READS) {
+                e->ret = -1;
+                e->error = GW_E_CHAIN_LONG;
+                return;
+            }
+            walked++;
             if (in_ind) {
                 model_copy(m, (uint8_t *)&d, ind_gpa + 16ULL * i, 16);
             } else {
@@ -526,8 +536,11 @@ struct rx_expect {
     int ret;
     uint32_t error;
     uint16_t last_avail, used_idx;
-    uint64_t packets, bytes, too_big;
+    uint64_t packets, bytes, too_big, no_room;
 };
+
+/* sh_chain: the frame's allowance of descriptor reads is spent. */
+#define MODEL_WALK_OUT 1000
 
 /* Walks one chain on the copy; for each writable descriptor calls put().
    Returns 0, or a GW_E_* code. */
@@ -560,16 +573,24 @@ static void sh_put(const struct shadow *S, struct rx_frame *f, uint64_t gpa, uin
 }
 
 static uint32_t sh_chain(const struct shadow *S, const struct gw_vq *vq, uint16_t head,
-                         struct rx_frame *f, uint64_t *wrote)
+                         struct rx_frame *f, uint64_t *wrote, uint32_t allow, uint32_t *reads)
 {
     uint8_t *desc = sh_ptr(S, vq->desc);
     uint32_t tsize = vq->size, i = head, count = 0;
     int in_ind = 0;
     uint64_t ind_gpa = 0;
+    *reads = 0;
     for (;;) {
         struct vdesc d;
         if (++count > tsize)
             return GW_E_CHAIN_LOOP;
+        /* at most GW_MAX_CHAIN_READS reads per chain (a lie beyond), and
+           no more than the frame's allowance (a drop, not a lie) */
+        if (*reads >= GW_MAX_CHAIN_READS)
+            return GW_E_CHAIN_LONG;
+        if (*reads >= allow)
+            return MODEL_WALK_OUT;
+        ++*reads;
         if (in_ind) {
             for (int b = 0; b < 16; b++) {
                 uint64_t room;
@@ -623,14 +644,31 @@ static void model_rx(const struct shadow *S, const struct gw_vq *vq, const uint8
         return;
     }
     unsigned taken = 0, i;
+    uint32_t walked = 0;
+    /* the no-room memo, as gw_ring.h describes it: a frame at least as long
+       as one dropped for no room, against the same position and avail idx */
+    int nr_valid = vq->noroom_valid;
+    uint32_t nr_len = vq->noroom_len;
+    uint16_t nr_avail = vq->noroom_avail, nr_idx = vq->noroom_idx;
     for (i = 0; i < n; i++) {
         struct rx_frame f = { base + offs[i], vq->hdr_len, (uint64_t)vq->hdr_len + lens[i], 0,
                               { NULL, NULL } };
         uint16_t last0 = last, used0 = used;
         unsigned taken0 = taken, nbufs = 0;
+        uint32_t fwalk = 0;
         int fits = 1;
+        if (walked + GW_MAX_CHAIN_READS > GW_BURST_WALK)
+            goto out;
+        if (nr_valid && f.total >= nr_len && last == nr_avail && idx == nr_idx) {
+            e->no_room++;
+            continue;
+        }
         while (f.pos < f.total) {
             if (taken == navail) {
+                if ((uint16_t)(last - last0) == size) {
+                    fits = 0;           /* the whole ring cannot hold it */
+                    break;
+                }
                 last = last0;
                 used = used0;
                 taken = taken0;
@@ -644,14 +682,21 @@ static void model_rx(const struct shadow *S, const struct gw_vq *vq, const uint8
                 return;
             }
             uint64_t wrote = 0;
-            uint32_t err = sh_chain(S, vq, head, &f, &wrote);
+            uint32_t reads;
+            uint32_t err = sh_chain(S, vq, head, &f, &wrote, GW_MAX_CHAIN_READS - fwalk, &reads);
+            fwalk += reads;
+            walked += reads;
+            if (err == MODEL_WALK_OUT) {
+                fits = 0;
+                break;
+            }
             if (err) {
                 e->ret = -1;
                 e->error = err;
                 return;
             }
             if (!vq->mrg_rxbuf && f.pos < f.total) {
-                fits = 0;
+                fits = -1;
                 break;
             }
             uint8_t *el = usedr + 4 + 8 * (size_t)(used & (size - 1));
@@ -663,8 +708,20 @@ static void model_rx(const struct shadow *S, const struct gw_vq *vq, const uint8
             taken++;
             nbufs++;
         }
-        if (!fits) {
+        if (fits < 0) {
             e->too_big++;
+            continue;
+        }
+        if (!fits) {
+            /* dropped for no room: its chains stay the guest's */
+            last = last0;
+            used = used0;
+            taken = taken0;
+            nr_valid = 1;
+            nr_len = (uint32_t)f.total;
+            nr_avail = last0;
+            nr_idx = idx;
+            e->no_room++;
             continue;
         }
         if (f.nb[0])
@@ -950,6 +1007,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 CHECK(vq.packets - before.packets == (uint64_t)ret);
                 CHECK((vq.drop_too_big - before.drop_too_big) + (vq.drop_short - before.drop_short)
                       == (uint64_t)(took - ret));
+                CHECK(took <= n && vq.walked <= GW_BURST_WALK);     /* every chain counts toward n */
                 uint64_t sum = 0;
                 for (int i = 0; i < ret; i++) {
                     CHECK(lens[i] >= 1 && lens[i] <= cap);
@@ -999,6 +1057,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                     CHECK(vq.packets - before.packets == rx.packets);
                     CHECK(vq.bytes - before.bytes == rx.bytes);
                     CHECK(vq.drop_too_big - before.drop_too_big == rx.too_big);
+                    CHECK(vq.drop_no_room - before.drop_no_room == rx.no_room);
+                    CHECK(vq.walked <= GW_BURST_WALK);
                 }
                 for (uint32_t i = 0; i < nreg; i++)
                     CHECK(memcmp(arena_copy + L.host_off[i], L.mem.regions[i].host, rsize[i]) == 0);
@@ -1012,7 +1072,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 CHECK((uint16_t)(vq.used_idx - before.used_idx) == took);
                 CHECK(took <= qsize);
                 uint64_t delivered = vq.packets - before.packets;
-                CHECK(delivered + (vq.drop_too_big - before.drop_too_big) == (uint64_t)ret);
+                CHECK(delivered + (vq.drop_too_big - before.drop_too_big)
+                      + (vq.drop_no_room - before.drop_no_room) == (uint64_t)ret);
                 if (vq.mrg_rxbuf)
                     CHECK(took >= delivered);
                 else
@@ -1022,7 +1083,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 for (int i = 0; i < ret; i++)
                     all += lens[i];
                 CHECK(vq.bytes - before.bytes <= all);
-                if (vq.drop_too_big == before.drop_too_big)
+                if (vq.drop_too_big == before.drop_too_big && vq.drop_no_room == before.drop_no_room)
                     CHECK(vq.bytes - before.bytes == all);
                 if (took) {
                     uint16_t pub;
@@ -1072,8 +1133,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 uint16_t v;
                 if (vq.event_idx) {
                     memcpy(&v, vq.used + 4 + 8 * (size_t)qsize, 2);   /* avail_event */
-                    if (en)
-                        CHECK(v == vq.last_avail);
+                    if (en)                 /* a stalled RX frame waits for stall_idx */
+                        CHECK(v == (vq.stalled ? vq.stall_idx : vq.last_avail));
                 } else {
                     memcpy(&v, vq.used, 2);                         /* used->flags */
                     CHECK((v & 1) == !en);                          /* NO_NOTIFY */
@@ -1129,7 +1190,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (++broken_ops > 6)
                 break;
         } else if (vq.error) {
-            CHECK(vq.error >= GW_E_AVAIL_IDX && vq.error <= GW_E_DIRECTION);
+            CHECK((vq.error >= GW_E_AVAIL_IDX && vq.error <= GW_E_DIRECTION)
+                  || vq.error == GW_E_CHAIN_LONG);
             errcode = vq.error;
             errdetail = vq.err_detail;
         }

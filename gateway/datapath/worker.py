@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterable
 
 from gateway.datapath.port import PortQueue
-from gateway.virtio.ring import RingBroken, VirtQueue
+from gateway.virtio.ring import RingBroken, VirtQueue, lib
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,11 @@ POLL_INTERVAL_MS = 1  # when the front-end never kicks (no-fd bit) or kicks are 
 
 _cpus: list[int] = []  # CPUs for data-path threads, taken in turn; empty: anywhere
 _turn = itertools.count()
+
+
+def wasteful(walked: int, moved: int) -> bool:
+    """The pump's throttle rule (gw_xskq.h), for ports without a pump."""
+    return walked > lib.GW_THROTTLE_WALK and walked > lib.GW_THROTTLE_PER_FRAME * moved
 
 
 def pin_workers(cpus: Iterable[int]) -> None:
@@ -63,6 +68,7 @@ class QueuePairWorker:
         self._lock = threading.Lock()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop = False
+        self.throttled = 0  # passes followed by a throttle pause
         self._thread = threading.Thread(target=self._run, name=f"gw-{name}", daemon=True)
 
     def start(self) -> None:
@@ -111,13 +117,29 @@ class QueuePairWorker:
             self.port.send_raw(frames)
         pump = getattr(self.port, "pump", None)
         if pump is not None:  # the port loops in C until the rings go quiet
-            return pump(self.txq, self.rxq)
+            moved = pump(self.txq, self.rxq)
+            if getattr(self.port, "throttled", False):
+                self._throttle()
+            return moved
+        walk0 = self.txq.walked_total + self.rxq.walked_total
         n = self.port.from_guest(self.txq)
         self.txq.call()  # C signals only if the used ring moved (drops included)
         k = self.port.to_guest(self.rxq)
         if k:
             self.rxq.call()
+        if wasteful(self.txq.walked_total + self.rxq.walked_total - walk0, n + k):
+            self._throttle()
         return bool(n or k)
+
+    def _throttle(self) -> None:
+        """A guest made this pass walk descriptors for nothing (issue 12): pause
+        GW_THROTTLE_MS, so it costs a bounded share of a CPU. Only the wake
+        eventfd ends the pause early: stop() and post() are never delayed."""
+        self.throttled += 1
+        p = select.poll()
+        p.register(self._wake, select.POLLIN)
+        if p.poll(lib.GW_THROTTLE_MS):
+            _drain(self._wake)  # the next pass sends posted frames; stop() set _stop
 
     def _sleep(self) -> None:
         rx_notify, tx_notify = self.notify()

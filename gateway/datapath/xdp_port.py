@@ -52,6 +52,7 @@ class XdpQueue:
         self.port, self.rx, self.tx, self.inbox = port, rx, tx, inbox
         self.fds = tuple(s.fd for _, s in rx) + ((inbox.fd,) if inbox else ())
         self._backlog = False
+        self.throttled = False  # the last pump pass walked far more than it moved
         self._raw: FrameBuffer | None = None
         self._attention = ffi.new("uint32_t *")
         self._pump = None
@@ -82,6 +83,7 @@ class XdpQueue:
             self._local.n = 0
             self.port.nic.deliver_local(frames, self.port)
         self._backlog = p.waiting > 0 or (self.inbox is not None and self.inbox.backlog())
+        self.throttled = bool(p.throttled)
         return bool(moved) or not p.idle
 
     def _make_pump(self, txq: VirtQueue, rxq: VirtQueue):

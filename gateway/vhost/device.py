@@ -69,8 +69,8 @@ class VhostDevice:
         self.broken_total = 0
         self.negotiated_features = 0
         self.counters = {"rx_packets": 0, "rx_bytes": 0, "tx_packets": 0, "tx_bytes": 0}
-        self.drops = {"tx_too_big": 0, "tx_short": 0, "rx_too_big": 0, "tx_bad_csum": 0,
-                      "tx_bad_gso": 0}
+        self.drops = {"tx_too_big": 0, "tx_short": 0, "rx_too_big": 0, "rx_no_room": 0,
+                      "tx_bad_csum": 0, "tx_bad_gso": 0}
         self.offload = dict.fromkeys(OFFLOAD_COUNTERS, 0)
         # Guest pages written while a migration logged but beyond the log (not marked).
         self.log_miss = 0
@@ -390,6 +390,7 @@ def _add_worker_stats(counters: dict, drops: dict, w: QueuePairWorker, offload: 
     drops["tx_too_big"] += tx["drop_too_big"]
     drops["tx_short"] += tx["drop_short"]
     drops["rx_too_big"] += rx["drop_too_big"]
+    drops["rx_no_room"] += rx["drop_no_room"]
     drops["tx_bad_csum"] += tx["drop_bad_csum"]
     drops["tx_bad_gso"] += tx["drop_bad_gso"]
     for key in ("tx_csum", "tx_gso", "tx_gso_segs"):

@@ -48,6 +48,7 @@ _ERROR_NAMES = {
     lib.GW_E_DIRECTION: "GW_E_DIRECTION",
     lib.GW_E_BUF_ID: "GW_E_BUF_ID",
     lib.GW_E_WRAP: "GW_E_WRAP",
+    lib.GW_E_CHAIN_LONG: "GW_E_CHAIN_LONG",
 }
 
 # Sub-reasons of GW_E_INDIRECT, err_detail bits 32..39 (see gw_ring.c).
@@ -274,6 +275,21 @@ class VirtQueue:
         return self._vq.used_idx
 
     @property
+    def walked(self) -> int:
+        """Descriptors the last burst read (ring and indirect): <= GW_BURST_WALK."""
+        return self._vq.walked
+
+    @property
+    def walked_total(self) -> int:
+        """Descriptors read over the queue's life (the worker's throttle)."""
+        return self._vq.walked_total
+
+    @property
+    def walked_max(self) -> int:
+        """The most descriptors any burst of this queue read."""
+        return self._vq.walked_max
+
+    @property
     def error(self) -> int:
         return self._vq.error
 
@@ -289,6 +305,7 @@ class VirtQueue:
             "bytes": vq.bytes,
             "drop_too_big": vq.drop_too_big,
             "drop_short": vq.drop_short,
+            "drop_no_room": vq.drop_no_room,
             "drop_bad_csum": vq.drop_bad_csum,
             "drop_bad_gso": vq.drop_bad_gso,
             "tx_csum": vq.tx_csum,
@@ -339,6 +356,8 @@ def error_text(code: int, detail: int, size: int) -> str:
     elif code == lib.GW_E_WRAP:
         why = (f"descriptor flags {detail:#x} in a packed chain are not available "
                "in the chain's wrap")
+    elif code == lib.GW_E_CHAIN_LONG:
+        why = f"chain reached {detail} descriptors, more than {lib.GW_MAX_CHAIN_READS}"
     else:
         why = f"detail {detail:#x}"
     return f"{name}: {why}"

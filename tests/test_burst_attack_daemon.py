@@ -1,0 +1,105 @@
+"""Bounded bursts through a real daemon (issue 12): a guest that keeps offering
+long chains of zero-length descriptors on TX and RX does not starve a healthy
+guest on the same NIC, `gateway list` answers, and its reset and detach
+complete. Counts are exact; no timing is asserted (the timeouts are generous)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+from test_hostile_guest import FarHost, frame, wait_for
+
+from gateway import control
+from gateway.testing import attacker
+from gateway.testing.frontend import Frontend
+
+GOOD, BAD = "52:54:00:00:12:01", "52:54:00:00:12:02"
+N = 64
+
+
+class Rearm(threading.Thread):
+    """The attacker's only work: put the whole TX ring back on offer and kick."""
+
+    def __init__(self, fe: Frontend) -> None:
+        super().__init__(name="attacker", daemon=True)
+        self.fe = fe
+        self.halt = threading.Event()
+        self.rounds = 0
+
+    def run(self) -> None:
+        tx = self.fe.rings[1]
+        while not self.halt.is_set():
+            attacker.split_rearm(tx)
+            os.eventfd_write(self.fe.kicks[1], 1)
+            self.rounds += 1
+            self.halt.wait(0.001)
+
+
+def drops(d, name: str) -> dict:
+    """What `gateway stats` shows for name's drops (its control request)."""
+    return control.request(d.run_dir, "stats", name=name)["devices"][name]["drops"]
+
+
+def test_attacker_keeps_rearming_healthy_guest_moves_exact_counts(env):
+    topo, d = env
+    d.ok("attach", "good", topo.nic, "--mac", GOOD)
+    d.ok("attach", "bad", topo.nic, "--mac", BAD)
+    far = FarHost(topo)
+    bad = Frontend(os.path.join(d.run_dir, "bad.sock"), queue_size=1024, timeout=30).connect()
+    bad.setup()
+    good = Frontend(os.path.join(d.run_dir, "good.sock"), timeout=30).connect().setup()
+    rearm = None
+    try:
+        # The attack: every avail entry of both rings names one chain of 1024
+        # zero-length descriptors (RX: device-writable, so frames find no room).
+        tx, rx = bad.rings[1], bad.rings[0]
+        attacker.split_chain(tx, 1024, write=False)
+        attacker.split_fill(tx)
+        attacker.split_chain(rx, 1024, write=True)
+        attacker.split_fill(rx)
+        os.eventfd_write(bad.kicks[0], 1)
+        rearm = Rearm(bad)
+        rearm.start()
+        wait_for("the attacker's chains dropped", lambda: drops(d, "bad")["tx_short"] > 0)
+
+        far.send(BAD.replace(":", ""), "tobad", N)
+        # Each is dropped for no room (at least N: the far host's kernel may
+        # also broadcast, and every guest gets a copy of that).
+        wait_for(f"{N} no-room drops",
+                 lambda: drops(d, "bad")["rx_no_room"] >= N)
+
+        good.post_rx(N)
+        good.transmit([frame(far.mac, GOOD.replace(":", ""), f"g{i}") for i in range(N)])
+        good.wait_tx_done(N)
+        far.wait_count(GOOD.replace(":", ""), N)
+        far.send(GOOD.replace(":", ""), "togood", N)
+        got = good.receive(N)
+        assert len(got) == N and all(f[14:22] == b"togood  " for f in got)
+        # Every one of the healthy guest's frames reached the far host intact.
+        sent = {f"g{i}": frame(far.mac, GOOD.replace(":", ""), f"g{i}") for i in range(N)}
+        arrived = {tag: far.frame(tag) for tag in sent}
+        assert {t for t in sent if arrived[t] != sent[t]} == set(), arrived
+
+        names = {x["name"] for x in json.loads(d.ok("list", "--json"))["devices"]}
+        assert names == {"good", "bad"}
+        assert drops(d, "bad")["rx_too_big"] == 0  # no-room has its own reason
+
+        # The attacker's reset (GET_VRING_BASE stops its workers) completes
+        # while it keeps re-arming; then its detach.
+        for i in range(len(bad.rings)):
+            bad.get_vring_base(i)
+        rearm.halt.set()
+        rearm.join(30)
+        rearm = None
+        d.ok("detach", "bad")
+        names = {x["name"] for x in json.loads(d.ok("list", "--json"))["devices"]}
+        assert names == {"good"}
+    finally:
+        if rearm is not None:
+            rearm.halt.set()
+            rearm.join(30)
+        far.close()
+        good.close()
+        bad.close()
