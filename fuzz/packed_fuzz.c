@@ -50,7 +50,11 @@
 #define GUARD 64
 #define MAX_SIZE 256
 #define RING_AREA (16 * MAX_SIZE + 64)
-#define R0_SIZE (RING_AREA + 32768)             /* ring, then data */
+/* The two indirect tables follow the ring (2048 bytes apart); buffers start
+   after them, so no RX write can rewrite a table and, through it, point a
+   later entry at the ring. */
+#define BUF_AREA (RING_AREA + 4096)
+#define R0_SIZE (RING_AREA + 32768)             /* ring, tables, then data */
 #define MAX_OPS 48
 #define MAX_N 32
 #define LOG_BYTES 8                             /* 64 pages: less than the GPA space used */
@@ -73,10 +77,10 @@ static void gen_desc(struct in *in, const struct world *W, uint8_t *dst, int wra
     uint8_t m = u8(in), m2 = u8(in);
     uint32_t ri = u8(in) % W->nreg;
     const struct gw_region *r = &W->mem.regions[ri];
-    /* Buffers stay out of the ring itself (a guest may put them there, but
-       then RX data would land in it and "a failed burst leaves the ring as
-       it was" could not be checked). */
-    uint64_t lo = ri == 0 ? RING_AREA : 0;
+    /* Buffers stay out of the ring and the indirect tables (a guest may put
+       them there, but then RX data would land in them and "a failed burst
+       leaves the ring as it was" could not be checked). */
+    uint64_t lo = ri == 0 ? BUF_AREA : 0;
     uint64_t addr;
     uint32_t len;
     uint16_t id, flags;
@@ -109,8 +113,8 @@ static void gen_desc(struct in *in, const struct world *W, uint8_t *dst, int wra
         break;
     default:
         addr = u64(in);
-        if (addr - W->mem.regions[0].gpa < RING_AREA)
-            addr += RING_AREA;
+        if (addr - W->mem.regions[0].gpa < BUF_AREA)
+            addr += BUF_AREA;
         break;
     }
     len = m & 0x40 ? u32(in) : 1 + u16(in) % 1600;
