@@ -365,8 +365,13 @@ class Gateway:
                     log.exception("%s: teardown after %s vanished", n, ifname)
                     self.attached.pop(n, None)
                 self.pending[n] = (a, f"{ifname} was deleted")
-            self.nics.pop(ifname, None)
+            left = self.nics.pop(ifname, None)
             self.nics_down.discard(ifname)
+            if left is not None:  # a teardown failed: still free what is left, and the lock
+                try:
+                    left.close()
+                except Exception:
+                    log.exception("closing %s after it vanished", ifname)
             return
         if ours:
             if up and ifname in self.nics_down:
