@@ -140,3 +140,22 @@ def test_a_second_nic_in_one_process_is_refused_until_the_first_closes():
         finally:
             second.close()
         assert link.xdp_state(topo.nic)[0] is None
+
+
+def test_a_nic_that_fails_half_way_releases_its_lock(monkeypatch):
+    """Nic() failing after it took the lock (here: its flood tap) undoes what it
+    did and lets go of the NIC, so the next attempt is not refused."""
+    import gateway.xdp.nic as nic_mod
+
+    def no_tap(*_):
+        raise OSError("no flood tap today")
+
+    with topology() as topo:
+        with monkeypatch.context() as m:
+            m.setattr(nic_mod, "FloodTap", no_tap)
+            with pytest.raises(OSError, match="no flood tap today"):
+                Nic(topo.nic)
+        assert not os.path.exists(lock_path(topo.nic))
+        assert link.xdp_state(topo.nic)[0] is None
+        nic = Nic(topo.nic)
+        nic.close()
