@@ -381,14 +381,16 @@ class Gateway:
                 self.nics_down.add(ifname)
                 log.error("%s went down: its devices pass no traffic until it is up", ifname)
             return
-        for n, (a, _) in sorted(self.pending.items()):
+        for n, (a, before) in sorted(self.pending.items()):
             if a.iface != ifname:
                 continue
             try:
                 self.attach(a, save=False)
             except GatewayError as e:
                 self.pending[n] = (a, str(e))
-                log.error("%s: %s is back but re-attaching failed: %s", n, ifname, e)
+                # a NIC coming up sends a burst of events: say each new reason once
+                (log.debug if str(e) == before else log.error)(
+                    "%s: %s is back but re-attaching failed: %s", n, ifname, e)
                 continue
             self.pending.pop(n, None)
             log.warning("%s: %s is back, re-attached", n, ifname)
