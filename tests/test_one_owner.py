@@ -159,3 +159,48 @@ def test_a_nic_that_fails_half_way_releases_its_lock(monkeypatch):
         assert link.xdp_state(topo.nic)[0] is None
         nic = Nic(topo.nic)
         nic.close()
+
+
+PROMISC_CRASHER = """
+import errno, os, sys
+from pyroute2.netlink.exceptions import NetlinkError
+from gateway.datapath.xdp_port import XdpPort
+from gateway.xdp import link
+from gateway.xdp.nic import Nic
+
+def no_fdb(ipr, command, index, mac):  # a NIC without unicast filter entries
+    raise NetlinkError(errno.EOPNOTSUPP, "Operation not supported")
+
+link._fdb = no_fdb
+nic = Nic(sys.argv[1])
+XdpPort(nic, "vm0", sys.argv[2])
+print("attached", os.getpid(), flush=True)
+os._exit(0)  # a crash: nothing undone
+"""
+
+
+def _promisc(ifname: str) -> bool:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        (msg,) = ipr.get_links(ifname=ifname)
+        return bool(msg["flags"] & 0x100)  # IFF_PROMISC
+
+
+def test_promiscuous_mode_left_on_by_a_crash_is_switched_off_by_the_next_owner():
+    with topology() as topo:
+        assert not _promisc(topo.nic)
+        out = subprocess.run([sys.executable, "-c", PROMISC_CRASHER, topo.nic,
+                              "52:54:00:12:34:77"], capture_output=True, text=True,
+                             timeout=TIMEOUT)
+        assert "attached" in out.stdout, out.stderr
+        assert _promisc(topo.nic)  # the dead owner's fallback, still on
+        with open(lock_path(topo.nic)) as f:  # what it left for the next owner
+            assert f.read() == f"{out.stdout.split()[-1]}\npromisc\n"
+        nic = Nic(topo.nic)
+        try:
+            assert not _promisc(topo.nic)
+            assert nic.program.replaced is not None
+        finally:
+            nic.close()
+        assert not _promisc(topo.nic) and link.xdp_state(topo.nic)[0] is None

@@ -17,7 +17,10 @@ meet there) from before it looks at the NIC's program until close(). A second
 Nic on a NIC someone drives is refused (NicInUse) and touches nothing; else
 the live owner's program would pass for a crash leftover and be replaced, its
 MAC filters removed. The kernel drops the lock of a process that dies, so after
-a crash the next Nic gets it and cleans up what the dead one left.
+a crash the next Nic gets it and cleans up what the dead one left. The lock
+file also says (line "promisc") whether its holder switched promiscuous mode
+on as its MAC filter fallback, so the next owner switches off what a crash
+left on.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import os
 from dataclasses import dataclass, field
 
 from gateway._native import ffi, lib
-from gateway.pidlock import Held, PidLock
+from gateway.pidlock import Held, PidLock, note_of
 from gateway.xdp import link
 from gateway.xdp.flood import FloodTap
 from gateway.xdp.program import XdpProgram, steer_key
@@ -39,6 +42,7 @@ FRAME_SIZE = 4096
 NFRAMES = 4096  # per NIC queue: 16 MiB
 RING_SIZE = 2048
 LOCK_DIR = "/run/gateway/nic"
+PROMISC = "promisc"  # in the lock file: we switched promiscuous mode on
 
 
 class NicInUse(link.LinkError):
@@ -95,6 +99,10 @@ class Nic:
         self.owner = lock_nic(self.name)  # before anything looks at the NIC's program
         self.program = None
         try:
+            if PROMISC in note_of(self.owner.previous).split():  # a dead owner's fallback
+                link.promisc_off(self.name)
+                log.warning("%s: switched off promiscuous mode left on by a previous run",
+                            self.name)
             self.program = XdpProgram(self.name, max_devices=max_devices,
                                       max_queues=max(16, self.link.rx_queues))
             self.program.attach()  # a gateway program here now is a dead owner's: replaced
@@ -157,7 +165,9 @@ class Nic:
         """Make the NIC accept unicast to `mac` (counted: one entry for all its users)."""
         entry = self.filters.get(mac)
         if entry is None:
-            self.filters[mac] = [link.add_mac_filter(self.name, mac), 1]
+            how = self.filters[mac] = [link.add_mac_filter(self.name, mac), 1]
+            if how[0] == "promisc":
+                self._record_promisc()
         else:
             entry[1] += 1
 
@@ -169,6 +179,12 @@ class Nic:
         if entry[1] == 0:
             del self.filters[mac]
             link.remove_mac_filter(self.name, mac, entry[0])
+            if entry[0] == "promisc":
+                self._record_promisc()
+
+    def _record_promisc(self) -> None:
+        """Keep the lock file saying whether promiscuous mode is on by our doing."""
+        self.owner.write(PROMISC + "\n" if link.promisc_ours(self.name) else "")
 
     def flood(self, frame: bytes, vlan: int = 0, sender=None) -> None:
         """A broadcast or multicast frame (untagged, of VLAN `vlan`, 0 = untagged):
