@@ -165,8 +165,9 @@ class Nic:
         """Make the NIC accept unicast to `mac` (counted: one entry for all its users)."""
         entry = self.filters.get(mac)
         if entry is None:
-            how = self.filters[mac] = [link.add_mac_filter(self.name, mac), 1]
-            if how[0] == "promisc":
+            how = link.add_mac_filter(self.name, mac)
+            self.filters[mac] = [how, 1]
+            if how == "promisc":
                 self._record_promisc()
         else:
             entry[1] += 1
