@@ -365,8 +365,13 @@ class Gateway:
                     log.exception("%s: teardown after %s vanished", n, ifname)
                     self.attached.pop(n, None)
                 self.pending[n] = (a, f"{ifname} was deleted")
-            self.nics.pop(ifname, None)
+            left = self.nics.pop(ifname, None)
             self.nics_down.discard(ifname)
+            if left is not None:  # a teardown failed: still free what is left, and the lock
+                try:
+                    left.close()
+                except Exception:
+                    log.exception("closing %s after it vanished", ifname)
             return
         if ours:
             if up and ifname in self.nics_down:
@@ -376,14 +381,16 @@ class Gateway:
                 self.nics_down.add(ifname)
                 log.error("%s went down: its devices pass no traffic until it is up", ifname)
             return
-        for n, (a, _) in sorted(self.pending.items()):
+        for n, (a, before) in sorted(self.pending.items()):
             if a.iface != ifname:
                 continue
             try:
                 self.attach(a, save=False)
             except GatewayError as e:
                 self.pending[n] = (a, str(e))
-                log.error("%s: %s is back but re-attaching failed: %s", n, ifname, e)
+                # a NIC coming up sends a burst of events: say each new reason once
+                (log.debug if str(e) == before else log.error)(
+                    "%s: %s is back but re-attaching failed: %s", n, ifname, e)
                 continue
             self.pending.pop(n, None)
             log.warning("%s: %s is back, re-attached", n, ifname)

@@ -4,6 +4,11 @@ Start-up restores the attachments saved in the state directory; SIGTERM or
 SIGINT undoes all kernel state (XDP programs, MAC filters, sockets) and
 leaves the saved attachments for the next start, so a VM whose QEMU uses a
 client-mode socket gets its network back when the daemon returns.
+
+One daemon per state directory: it holds a flock on `$STATE_DIR/daemon.lock`
+(with its pid) for its whole life. A second daemon on the same directory is
+refused before it touches anything (no NIC, no socket): it would restore the
+same attachments onto the NICs the first one drives.
 """
 
 from __future__ import annotations
@@ -20,12 +25,38 @@ from gateway.datapath.worker import pin_workers
 from gateway.datapath.xdp_port import set_busy_poll
 from gateway.linkwatch import LinkWatch
 from gateway.metrics import serve_metrics
+from gateway.pidlock import Held, PidLock
 
 log = logging.getLogger(__name__)
+
+LOCK_NAME = "daemon.lock"
+
+
+def lock_state_dir(state_dir: str) -> PidLock:
+    """The state directory's lock, or a GatewayError naming the daemon holding it."""
+    path = os.path.join(state_dir, LOCK_NAME)
+    try:
+        return PidLock.take(path)
+    except Held as e:
+        who = f"pid {e.pid}" if e.pid else "another process"
+        raise GatewayError(f"another gateway daemon ({who}) is running on state directory "
+                           f"{state_dir} ({path}); not starting") from None
+    except OSError as e:
+        raise GatewayError(f"cannot lock state directory {state_dir}: {e}") from None
 
 
 def run(run_dir: str, state_dir: str, *, metrics_listen: str | None = None,
         cpus: list[int] | None = None, busy_poll_us: int | None = None, ready=print) -> None:
+    os.makedirs(state_dir, exist_ok=True)
+    owner = lock_state_dir(state_dir)  # first: a second daemon must change nothing
+    try:
+        _run(run_dir, state_dir, metrics_listen, cpus, busy_poll_us, ready)
+    finally:
+        owner.release()
+
+
+def _run(run_dir: str, state_dir: str, metrics_listen: str | None, cpus: list[int] | None,
+         busy_poll_us: int | None, ready) -> None:
     if busy_poll_us is not None:
         try:
             set_busy_poll(busy_poll_us)
@@ -37,7 +68,6 @@ def run(run_dir: str, state_dir: str, *, metrics_listen: str | None = None,
         except ValueError as e:
             raise GatewayError(f"--cpus: {e}") from None
     os.makedirs(run_dir, exist_ok=True)
-    os.makedirs(state_dir, exist_ok=True)
     gw = Gateway(run_dir, state_dir)
     metrics = None
     try:

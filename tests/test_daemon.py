@@ -360,3 +360,36 @@ def _five_frames_reach_the_far_host(fe: Frontend, topo, mac: str) -> None:
     while topo.peer_stats()["rx_packets"] < before + 5 and time.monotonic() < deadline:
         time.sleep(0.01)  # a kernel counter: nothing to wait on
     assert topo.peer_stats()["rx_packets"] == before + 5
+
+
+def test_a_waiting_device_logs_a_repeated_re_attach_failure_once(tmp_path):
+    """Every link event of its NIC retries a pending device; the same failure
+    again is no news and is not logged again (it was, once per event)."""
+    from pyroute2 import IPRoute
+
+    nic = f"gwt{os.getpid() % 100000}down"
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "attachments.json").write_text(json.dumps([{"name": "vm0", "iface": nic,
+                                                          "mac": "52:54:00:12:00:02"}]))
+    d = Daemon(str(tmp_path / "run"), str(state)).start()
+    try:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=nic, kind="veth", peer=nic + "p")  # down: attach fails
+            (i,) = ipr.link_lookup(ifname=nic)
+            for mtu in (1400, 1450, 1480, 1490, 1500):  # five more events, same failure
+                ipr.link("set", index=i, mtu=mtu)
+            ipr.link("set", index=i, state="up")
+        x = _wait_listed(d, "vm0", lambda x: x["state"] == "waiting")
+        assert x["state"] == "waiting"
+        deadline = time.monotonic() + TIMEOUT  # its log reaches us through a pipe, later
+        while not any("is back, re-attached" in ln for ln in d.log):
+            assert time.monotonic() < deadline, "".join(d.log)
+            time.sleep(0.01)
+        failed = [ln for ln in d.log if "re-attaching failed" in ln]
+        assert len(failed) == 1 and f"{nic} is down" in failed[0], "".join(d.log)
+    finally:
+        d.stop()
+        with IPRoute() as ipr:
+            for i in ipr.link_lookup(ifname=nic):
+                ipr.link("del", index=i)

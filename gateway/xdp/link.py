@@ -174,6 +174,21 @@ def add_mac_filter(ifname: str, mac: str) -> str:
         return "promisc"
 
 
+def promisc_ours(ifname: str) -> bool:
+    """Whether add_mac_filter() switched promiscuous mode on for `ifname` (and
+    it is still needed): what a crash would leave on."""
+    with IPRoute() as ipr:
+        index = _get_link(ipr, ifname)["index"]
+    with _promisc_lock:
+        return bool(_promisc_users.get(index)) and _promisc_ours.get(index, False)
+
+
+def promisc_off(ifname: str) -> None:
+    """Switch promiscuous mode off (a dead owner's fallback; see nic.py)."""
+    with IPRoute() as ipr:
+        _set_promisc(ipr, _get_link(ipr, ifname)["index"], False)
+
+
 def remove_mac_filter(ifname: str, mac: str, how: str) -> None:
     """Undo add_mac_filter(ifname, mac), which returned `how`. Missing entries are fine."""
     mac = _norm_mac(mac)

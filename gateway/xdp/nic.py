@@ -10,14 +10,27 @@ picks for its return traffic, a socket of its own is there.
 Set-up runs in order and is undone in reverse, on detach or when set-up fails
 half-way: MAC filter, sockets, map entries; the program and the UMEMs go when
 the last device leaves.
+
+One owner per NIC: a Nic holds a flock on `/run/gateway/nic/<ifname>.lock`
+(system-wide, so daemons on different state directories and library users
+meet there) from before it looks at the NIC's program until close(). A second
+Nic on a NIC someone drives is refused (NicInUse) and touches nothing; else
+the live owner's program would pass for a crash leftover and be replaced, its
+MAC filters removed. The kernel drops the lock of a process that dies, so after
+a crash the next Nic gets it and cleans up what the dead one left. The lock
+file also says (line "promisc") whether its holder switched promiscuous mode
+on as its MAC filter fallback, so the next owner switches off what a crash
+left on.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 from gateway._native import ffi, lib
+from gateway.pidlock import Held, PidLock, note_of
 from gateway.xdp import link
 from gateway.xdp.flood import FloodTap
 from gateway.xdp.program import XdpProgram, steer_key
@@ -28,6 +41,29 @@ log = logging.getLogger(__name__)
 FRAME_SIZE = 4096
 NFRAMES = 4096  # per NIC queue: 16 MiB
 RING_SIZE = 2048
+LOCK_DIR = "/run/gateway/nic"
+PROMISC = "promisc"  # in the lock file: we switched promiscuous mode on
+
+
+class NicInUse(link.LinkError):
+    """Another live Nic (another process, or this one) drives the NIC."""
+
+
+def lock_path(ifname: str) -> str:
+    return f"{LOCK_DIR}/{ifname}.lock"
+
+
+def lock_nic(ifname: str) -> PidLock:
+    try:
+        return PidLock.take(lock_path(ifname))
+    except Held as e:
+        if e.pid == os.getpid():
+            raise NicInUse(f"{ifname} is already driven by another Nic in this process; "
+                           "not touching it") from None
+        raise NicInUse(f"{ifname} is driven by another gateway process (pid {e.pid or '?'}); "
+                       "not touching it") from None
+    except OSError as e:
+        raise link.LinkError(f"cannot lock {lock_path(ifname)}: {e}") from None
 
 
 @dataclass
@@ -60,12 +96,27 @@ class Nic:
     def __init__(self, ifname: str, *, max_devices: int = 64) -> None:
         self.link = link.resolve(ifname)
         self.name = self.link.name
-        self.program = XdpProgram(ifname, max_devices=max_devices,
-                                  max_queues=max(16, self.link.rx_queues))
-        self.program.attach()
-        for mac in self.program.stale_macs:  # a crashed run's MAC filter entries
-            link.remove_mac_filter(self.name, mac, "fdb")
-            log.warning("%s: cleaned up MAC filter %s left by a previous run", self.name, mac)
+        self.owner = lock_nic(self.name)  # before anything looks at the NIC's program
+        self.program = None
+        try:
+            if PROMISC in note_of(self.owner.previous).split():  # a dead owner's fallback
+                link.promisc_off(self.name)
+                log.warning("%s: switched off promiscuous mode left on by a previous run",
+                            self.name)
+            self.program = XdpProgram(self.name, max_devices=max_devices,
+                                      max_queues=max(16, self.link.rx_queues))
+            self.program.attach()  # a gateway program here now is a dead owner's: replaced
+            for mac in self.program.stale_macs:  # a crashed run's MAC filter entries
+                link.remove_mac_filter(self.name, mac, "fdb")
+                log.warning("%s: cleaned up MAC filter %s left by a previous run",
+                            self.name, mac)
+        except BaseException:
+            try:
+                if self.program is not None:
+                    self.program.close()
+            finally:
+                self.owner.release()
+            raise
         self.queues: dict[int, QueueUmem] = {}
         self.slots: dict[int, object] = {}  # slot -> XdpPort
         # The guests' MACs, for the bursts to spot guest-to-guest frames (gw_local).
@@ -77,7 +128,10 @@ class Nic:
         try:
             self.tap = FloodTap(self.name, self.flood)
         except BaseException:
-            self.program.close()
+            try:
+                self.program.close()
+            finally:
+                self.owner.release()
             raise
         log.info("%s: XDP program attached (%s mode), %d queues", self.name,
                  self.program.mode, self.link.rx_queues)
@@ -111,7 +165,10 @@ class Nic:
         """Make the NIC accept unicast to `mac` (counted: one entry for all its users)."""
         entry = self.filters.get(mac)
         if entry is None:
-            self.filters[mac] = [link.add_mac_filter(self.name, mac), 1]
+            how = link.add_mac_filter(self.name, mac)
+            self.filters[mac] = [how, 1]
+            if how == "promisc":
+                self._record_promisc()
         else:
             entry[1] += 1
 
@@ -123,6 +180,12 @@ class Nic:
         if entry[1] == 0:
             del self.filters[mac]
             link.remove_mac_filter(self.name, mac, entry[0])
+            if entry[0] == "promisc":
+                self._record_promisc()
+
+    def _record_promisc(self) -> None:
+        """Keep the lock file saying whether promiscuous mode is on by our doing."""
+        self.owner.write(PROMISC + "\n" if link.promisc_ours(self.name) else "")
 
     def flood(self, frame: bytes, vlan: int = 0, sender=None) -> None:
         """A broadcast or multicast frame (untagged, of VLAN `vlan`, 0 = untagged):
@@ -169,10 +232,14 @@ class Nic:
             del self.queues[qu.queue]
 
     def close(self) -> None:
-        """Detach the program and free every UMEM; devices must be detached first."""
-        self.tap.close()
-        for qu in list(self.queues.values()):
-            for sock in list(qu.sockets):
-                self.release_socket(qu, sock)
-        self.program.close()
-        log.info("%s: XDP program detached", self.name)
+        """Detach the program and free every UMEM; devices must be detached first.
+        The NIC's lock goes last, whatever failed before it."""
+        try:
+            self.tap.close()
+            for qu in list(self.queues.values()):
+                for sock in list(qu.sockets):
+                    self.release_socket(qu, sock)
+            self.program.close()
+            log.info("%s: XDP program detached", self.name)
+        finally:
+            self.owner.release()
