@@ -362,6 +362,13 @@ def _five_frames_reach_the_far_host(fe: Frontend, topo, mac: str) -> None:
     assert topo.peer_stats()["rx_packets"] == before + 5
 
 
+def _wait_log(d: Daemon, text: str) -> None:
+    deadline = time.monotonic() + TIMEOUT  # its log reaches us through a pipe, later
+    while not any(text in ln for ln in d.log):
+        assert time.monotonic() < deadline, "".join(d.log)
+        time.sleep(0.01)
+
+
 def test_a_waiting_device_logs_a_repeated_re_attach_failure_once(tmp_path):
     """Every link event of its NIC retries a pending device; the same failure
     again is no news and is not logged again (it was, once per event)."""
@@ -377,15 +384,16 @@ def test_a_waiting_device_logs_a_repeated_re_attach_failure_once(tmp_path):
         with IPRoute() as ipr:
             ipr.link("add", ifname=nic, kind="veth", peer=nic + "p")  # down: attach fails
             (i,) = ipr.link_lookup(ifname=nic)
+            # Link events are handled after they happen, against the NIC as it
+            # is then: wait for the first failure before anything else changes.
+            _wait_log(d, f"{nic} is down")
             for mtu in (1400, 1450, 1480, 1490, 1500):  # five more events, same failure
                 ipr.link("set", index=i, mtu=mtu)
+            d.ok("list")  # requests and link events share one thread: mostly handled by now
             ipr.link("set", index=i, state="up")
         x = _wait_listed(d, "vm0", lambda x: x["state"] == "waiting")
         assert x["state"] == "waiting"
-        deadline = time.monotonic() + TIMEOUT  # its log reaches us through a pipe, later
-        while not any("is back, re-attached" in ln for ln in d.log):
-            assert time.monotonic() < deadline, "".join(d.log)
-            time.sleep(0.01)
+        _wait_log(d, "is back, re-attached")
         failed = [ln for ln in d.log if "re-attaching failed" in ln]
         assert len(failed) == 1 and f"{nic} is down" in failed[0], "".join(d.log)
     finally:
