@@ -405,11 +405,10 @@ class XdpProgram:
             bpf, self._bpf = getattr(self, "_bpf", None), None
             mm = getattr(self, "_held_mm", None)
             if mm is not None:
-                self._held = None
-                try:
-                    mm.close()
-                except BufferError:
-                    pass  # a pointer is still exported; the mapping goes with it
+                held, self._held, self._held_mm = self._held, None, None
+                if held is not None:
+                    ffi.release(held)  # the buffer export, so that the mapping can go
+                mm.close()
             if bpf is not None:
                 bpf.cleanup()
 
