@@ -299,7 +299,46 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
     return got;
 }
 
-int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *rx, unsigned n)
+void gw_held_sub(uint64_t *held, uint64_t n)
+{
+    uint64_t cur = __atomic_load_n(held, __ATOMIC_RELAXED), next;
+
+    /* The kernel adds between our load and store: CAS until ours lands. Clamped,
+       because a count reset while frames were in flight must not wrap around
+       (a wrapped count would shut the device out for good). */
+    do {
+        next = cur > n ? cur - n : 0;
+    } while (!__atomic_compare_exchange_n(held, &cur, next, 0, __ATOMIC_RELAXED,
+                                          __ATOMIC_RELAXED));
+}
+
+unsigned gw_xsk_rx_drain(struct gw_umemq *u, struct xsk_ring_cons *rx)
+{
+    __u64 addrs[MAX_BURST];
+    unsigned total = 0;
+    uint32_t idx, k;
+
+    /* Bounded by the ring: the socket is out of the XSKMAP, nothing refills it. */
+    while (total <= u->nframes && (k = xsk_ring_cons__peek(rx, MAX_BURST, &idx)) > 0) {
+        for (uint32_t i = 0; i < k; i++) {
+            __u64 a = xsk_ring_cons__rx_desc(rx, idx + i)->addr;
+            /* only frames of this UMEM go back to its pool */
+            addrs[i] = a < (__u64)u->nframes * u->frame_size ? (a & u->mask) : UINT64_MAX;
+        }
+        xsk_ring_cons__release(rx, k);
+        lock(u);
+        for (uint32_t i = 0; i < k && *u->npool < u->nframes; i++)
+            if (addrs[i] != UINT64_MAX)
+                u->pool[(*u->npool)++] = addrs[i];
+        refill_locked(u);
+        unlock(u);
+        total += k;
+    }
+    return total;
+}
+
+int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *rx, unsigned n,
+                    uint64_t *held)
 {
     __u64 offs[MAX_BURST];
     uint32_t lens[MAX_BURST], idx, k;
@@ -334,6 +373,8 @@ int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *
     }
     xsk_ring_cons__cancel(rx, k - (uint32_t)got);   /* the rest waits for guest buffers */
     xsk_ring_cons__release(rx, (uint32_t)got);
+    if (held && got)
+        gw_held_sub(held, (uint64_t)got);
     lock(u);
     for (int i = 0; i < got && *u->npool < u->nframes; i++)
         u->pool[(*u->npool)++] = offs[i] & u->mask;
@@ -396,7 +437,7 @@ long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
             return -1;
         }
         for (unsigned i = 0; i < p->nrx && i < GW_PUMP_MAX_RX; i++) {
-            r = gw_xsk_to_guest(p->rxq, p->rx[i].u, p->rx[i].rx, GW_BURST);
+            r = gw_xsk_to_guest(p->rxq, p->rx[i].u, p->rx[i].rx, GW_BURST, p->rx[i].held);
             if (r < 0) {
                 p->broken = 2;
                 return -1;

@@ -69,8 +69,18 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
                       unsigned n, struct gw_local *local);
 
 /* Socket RX -> guest RX, up to n frames. Frames delivered or dropped as too
-   big, or -1; those the guest has no buffers for stay in the RX ring. */
-int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *rx, unsigned n);
+   big, or -1; those the guest has no buffers for stay in the RX ring. What
+   it consumed is subtracted from *held (the XDP program's count of frames
+   this socket holds, bpf/gateway_xdp.c `held`; may be NULL). */
+int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *rx, unsigned n,
+                    uint64_t *held);
+
+/* *held -= n, atomically, clamped at 0 (the XDP program adds concurrently). */
+void gw_held_sub(uint64_t *held, uint64_t n);
+
+/* Every frame in a socket's RX ring back to the pool, none to a guest: a
+   socket about to close. Returns how many. */
+unsigned gw_xsk_rx_drain(struct gw_umemq *u, struct xsk_ring_cons *rx);
 
 /* Frames (base + offs[i], lens[i]) to the wire, copied into UMEM frames: the
    slow path for control frames. Returns how many were queued. */
@@ -97,6 +107,7 @@ unsigned gw_xsk_rx_waiting(struct xsk_ring_cons *rx);
 struct gw_rxsock {
     struct gw_umemq *u;
     struct xsk_ring_cons *rx;
+    uint64_t *held;            /* the socket's count in the XDP program's `held` map */
 };
 
 struct gw_pump {

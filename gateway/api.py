@@ -298,7 +298,8 @@ class Gateway:
             s = dev.stats()
             p = port.stats()
             drops = dict(s["drops"])
-            for reason in ("drop_no_socket", "drop_stopped", "drop_too_big"):
+            for reason in ("drop_no_socket", "drop_stopped", "drop_too_big",
+                           "drop_over_share"):
                 drops["xdp_" + reason.removeprefix("drop_")] = p[reason]
             for reason in ("rx_dropped", "rx_ring_full", "rx_fill_ring_empty_descs",
                            "tx_ring_full", "tx_no_frame", "tx_spoofed", "tx_runt",

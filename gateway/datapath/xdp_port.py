@@ -84,6 +84,7 @@ class XdpQueue:
             self.port.nic.deliver_local(frames, self.port)
         self._backlog = p.waiting > 0 or (self.inbox is not None and self.inbox.backlog())
         self.throttled = bool(p.throttled)
+        self.port.resync_held(self.rx)
         return bool(moved) or not p.idle
 
     def _make_pump(self, txq: VirtQueue, rxq: VirtQueue):
@@ -96,6 +97,7 @@ class XdpQueue:
         p.nrx = len(self.rx)
         for i, (qu, s) in enumerate(self.rx):
             p.rx[i].u, p.rx[i].rx = qu.native, s.rx
+            p.rx[i].held = self.port.nic.program.held(self.port.slot, s.queue)
         p.attention = self._attention
         return p
 
@@ -144,6 +146,9 @@ class XdpPort:
         self._queues: dict[int, XdpQueue] = {}
         self.slot = nic.free_slot()
         self.sockets: dict[int, Sock] = {}
+        # per NIC queue: the socket's rx_dropped + rx_ring_full already taken off
+        # its held count (frames the XDP program counted but the kernel dropped)
+        self._lost_seen: dict[int, int] = {}
         self.filtered = False
         self.running = False
         self.inbox = MemoryQueue()  # frames from other guests and broadcasts from the wire
@@ -160,6 +165,8 @@ class XdpPort:
             self.filtered = True
             for q in range(nic.nqueues):
                 self.sockets[q] = nic.socket_on(q)
+                self._lost_seen[q] = 0
+                nic.program.reset_held(self.slot, q)
                 nic.program.set_socket(self.slot, q, self.sockets[q][1].fd)
             if migrate_from is None:
                 nic.program.set_device(self.slot, mac, self.max_frame, running=False, vlan=vlan)
@@ -224,6 +231,19 @@ class XdpPort:
             if self._inbox_reader is not None:
                 self._inbox_reader.interrupt()  # its pump polls rings, not the inbox
 
+    def resync_held(self, socks: list[Sock]) -> None:
+        """Take frames that the XDP program counted as held but the kernel then
+        dropped (RX ring full, no fill frame: XDP_STATISTICS counts each once)
+        off the sockets' held counts, so they do not eat the device's share."""
+        prog = self.nic.program
+        for _, s in socks:
+            st = s.stats()
+            lost = st["rx_dropped"] + st["rx_ring_full"]
+            new = lost - self._lost_seen.get(s.queue, 0)
+            if new > 0:
+                self._lost_seen[s.queue] = lost
+                lib.gw_held_sub(prog.held(self.slot, s.queue), new)
+
     def stats(self) -> dict[str, int]:
         """BPF counters of the slot, the sockets' XDP_STATISTICS (rx_ring_full and
         friends: drops the XDP program cannot see), guest frames refused for
@@ -254,7 +274,11 @@ class XdpPort:
             if self.steering:  # the survivor keeps the guest reachable
                 twin._take_steering_from(self)
         prog.remove_device(self.slot, self.mac, self.vlan)  # sockets leave the map first
-        for qu, s in self.sockets.values():
+        for q, (qu, s) in self.sockets.items():
+            # Frames still in the RX ring (a guest that took none) go back to the
+            # queue's pool: closing the socket would lose them to every device.
+            lib.gw_xsk_rx_drain(qu.native, s.rx)
+            prog.reset_held(self.slot, q)
             self.nic.release_socket(qu, s)
         self.sockets.clear()
         if self.filtered:

@@ -66,6 +66,22 @@ def lock_nic(ifname: str) -> PidLock:
         raise link.LinkError(f"cannot lock {lock_path(ifname)}: {e}") from None
 
 
+FILL_TARGET = RING_SIZE  # the whole fill ring: half the UMEM, the other half for TX
+
+
+def share(ndevices: int) -> int:
+    """Frames one device's socket may hold unconsumed in its RX ring, per queue.
+
+    The shares add up to at most the frames the fill ring is kept topped up
+    with (FILL_TARGET), so a device under its share finds a fill frame however
+    many the others hold: a guest that posts no RX buffers pins its share,
+    never the queue's UMEM. The rest of the UMEM (NFRAMES - FILL_TARGET) is for
+    TX and for the fill ring's refills. Minus one frame per CPU: the XDP
+    program's check-then-add may overshoot by one per CPU racing on a socket."""
+    cpus = os.cpu_count() or 1
+    return max(1, FILL_TARGET // max(1, ndevices) - cpus)
+
+
 @dataclass
 class QueueUmem:
     """A NIC queue's UMEM and the C view of it that the bursts share."""
@@ -87,7 +103,7 @@ class QueueUmem:
         u.pool = umem.pool
         u.npool = umem.npool
         u.nframes = NFRAMES
-        u.fill_target = RING_SIZE // 2
+        u.fill_target = FILL_TARGET
         u.fd = -1
         return cls(queue, umem, u)
 
@@ -149,10 +165,16 @@ class Nic:
     def add_port(self, slot: int, port) -> None:
         self.slots[slot] = port
         self._sync_macs()
+        self._sync_share()
 
     def remove_port(self, slot: int) -> None:
         self.slots.pop(slot, None)
         self._sync_macs()
+        self._sync_share()
+
+    def _sync_share(self) -> None:
+        """Each device may hold share() frames of a queue's UMEM unconsumed; see share()."""
+        self.program.set_share(share(len(self.slots)))
 
     def _sync_macs(self) -> None:
         macs = [steer_key(p.mac, p.vlan) for p in self.slots.values()]

@@ -25,6 +25,7 @@ import ctypes as ct
 import errno
 import glob
 import importlib.util
+import mmap
 import os
 import platform
 import shlex
@@ -32,11 +33,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway._native import ffi
 from gateway.xdp import link as _link
 
 PROG_NAME = "gateway_xdp"
 MAP_NAMES = frozenset({"mac2slot", "devices", "xsks", "counters", "gcounters"})
-COUNTERS = ("rx_packets", "rx_bytes", "drop_no_socket", "drop_stopped", "drop_too_big")
+# A stale program is recognised by these names; "held" (newer) is not required.
+COUNTERS = ("rx_packets", "rx_bytes", "drop_no_socket", "drop_stopped", "drop_too_big",
+            "drop_over_share")
+NO_SHARE = 0xFFFFFFFF  # a slot's share until set_share(): no limit
 GLOBAL_COUNTERS = ("passed", "broadcast", "multicast", "runt")
 
 # uapi/linux/if_link.h
@@ -322,6 +327,18 @@ class XdpProgram:
         self._xsks = self._bpf[b"xsks"]
         self._counters = self._bpf[b"counters"]
         self._gcounters = self._bpf[b"gcounters"]
+        self.share = NO_SHARE
+        # `held` is mmap-ed so that the C bursts can subtract what they consume
+        # without a syscall: one u64 per (slot, queue), the xsks index.
+        n = max_devices * self.max_queues * 8
+        size = (n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            self._held_mm = mmap.mmap(self._bpf[b"held"].map_fd, size, mmap.MAP_SHARED,
+                                      mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            self._bpf.cleanup()
+            raise XdpError(f"mmap of the held map failed: {e}") from e
+        self._held = ffi.from_buffer("uint64_t[]", self._held_mm)
 
     # -------------------------------------------------------------- attach / detach
 
@@ -386,6 +403,12 @@ class XdpProgram:
             self.detach()
         finally:
             bpf, self._bpf = getattr(self, "_bpf", None), None
+            mm = getattr(self, "_held_mm", None)
+            if mm is not None:
+                held, self._held, self._held_mm = self._held, None, None
+                if held is not None:
+                    ffi.release(held)  # the buffer export, so that the mapping can go
+                mm.close()
             if bpf is not None:
                 bpf.cleanup()
 
@@ -427,8 +450,34 @@ class XdpProgram:
         cfg = self._devices.Leaf()
         cfg.running = 1 if running else 0
         cfg.max_frame = max_frame
+        cfg.share = self.share
         self._devices[self._devices.Key(slot)] = cfg  # configuration before the MAC
         self._mac2slot[key] = self._mac2slot.Leaf(slot)
+
+    def set_share(self, share: int) -> None:
+        """Every slot's socket may hold at most `share` frames unconsumed per queue
+        (the XDP program drops beyond it: drop_over_share)."""
+        if not 0 <= share <= NO_SHARE:
+            raise ValueError(f"share {share} out of range")
+        self.share = share
+        for slot in range(self.max_devices):
+            key = self._devices.Key(slot)
+            cfg = self._devices[key]
+            if cfg.share != share:
+                cfg.share = share
+                self._devices[key] = cfg
+
+    def held(self, slot: int, queue: int):
+        """A C pointer (uint64_t *) to the held count of (slot, queue), in the map's
+        shared mapping: the bursts subtract from it what they consume."""
+        return self._held + self.slot_index_for(slot, queue)
+
+    def held_count(self, slot: int, queue: int) -> int:
+        return int(self._held[self.slot_index_for(slot, queue)])
+
+    def reset_held(self, slot: int, queue: int) -> None:
+        """Zero (slot, queue)'s count: its socket is gone or drained."""
+        self._held[self.slot_index_for(slot, queue)] = 0
 
     def remove_device(self, slot: int, mac: str, vlan: int = 0) -> None:
         """Stop steering (vlan, mac), mark the slot stopped, clear its sockets and counters."""
@@ -437,7 +486,9 @@ class XdpProgram:
         old = self._mac2slot.get(key)
         if old is not None and old.value == slot:
             del self._mac2slot[key]
-        self._devices[self._devices.Key(slot)] = self._devices.Leaf()
+        cfg = self._devices.Leaf()
+        cfg.share = self.share
+        self._devices[self._devices.Key(slot)] = cfg
         for q in range(self.max_queues):
             self.clear_socket(slot, q)
         for c in range(len(COUNTERS)):

@@ -1,0 +1,193 @@
+"""A fair share of each NIC queue's shared UMEM per device (issue 12).
+
+Every device's socket on a NIC queue lives on that queue's one UMEM. A guest
+that posts no RX buffers leaves its frames in its socket's RX ring: without a
+share, two such guests pin every frame of the queue and nobody on the NIC
+receives or sends. The XDP program stops redirecting to a socket that holds
+its share (drop_over_share), so the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+
+from gateway.datapath.xdp_port import XdpPort
+from gateway.registry import Registry
+from gateway.testing.frontend import Frontend, FrontendError
+from gateway.testing.netns import topology
+from gateway.vhost.transport import VhostService
+from gateway.xdp.nic import NFRAMES, Nic
+
+HEALTHY = "52:54:00:fa:00:01"
+STALLED = ("52:54:00:fa:00:02", "52:54:00:fa:00:03")
+ETHERTYPE = b"\x88\xb5"  # IEEE local experimental: nothing else sends it
+FLOOD = 2100  # > the 2048-slot RX ring: without a share two guests pin all 4096 frames
+BATCH = 250
+BATCHES = 4
+DEADLINE = 30
+
+# Far host: `n` raw frames to each MAC given as MAC=n, numbered per MAC.
+RAW_SENDER = """
+import socket, sys
+ifname, src = sys.argv[1], bytes.fromhex(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((ifname, 0))
+for spec in sys.argv[3:]:
+    mac, n = spec.split("=")
+    for i in range(int(n)):
+        s.send(bytes.fromhex(mac) + src + b"\\x88\\xb5" + b"%08d" % i + bytes(50))
+"""
+
+# Far host: count frames of our EtherType from `src` until `n` or a quiet `timeout`.
+RAW_RECEIVER = """
+import socket, sys
+ifname, src = sys.argv[1], bytes.fromhex(sys.argv[2])
+n, timeout = int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88b5))
+s.bind((ifname, 0))
+s.settimeout(timeout)
+print("ready", flush=True)
+got = set()
+try:
+    while len(got) < n:
+        f = s.recv(2048)
+        if f[6:12] == src:
+            got.add(f[14:22])
+except socket.timeout:
+    pass
+print(len(got), flush=True)
+"""
+
+
+def hexmac(mac: str) -> str:
+    return mac.replace(":", "")
+
+
+def send_from_far(topo, **per_mac: int) -> None:
+    topo.run(sys.executable, "-c", RAW_SENDER, topo.peer, hexmac(topo.peer_mac),
+             *(f"{hexmac(m)}={n}" for m, n in per_mac.items()))
+
+
+def wait_for(cond, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def ours(frames: list[bytes], peer_mac: str) -> list[bytes]:
+    src = bytes.fromhex(hexmac(peer_mac))
+    return [f for f in frames if f[6:12] == src and f[12:14] == ETHERTYPE]
+
+
+def test_two_stalled_guests_leave_a_healthy_one_its_rx_and_tx(tmp_path):
+    with topology() as topo:
+        nic = Nic(topo.nic)
+        service = VhostService().start()
+        ports = []
+        try:
+            healthy = XdpPort(nic, "ok", HEALTHY)
+            ports.append(healthy)
+            for i, mac in enumerate(STALLED):
+                p = XdpPort(nic, f"stalled{i}", mac)
+                ports.append(p)
+                p.set_running(True)  # steered to, but no worker ever reads its socket
+            share = nic.program.share
+            assert share < FLOOD
+            dev = Registry().create("ok", healthy, max_mtu=healthy.max_mtu)
+            path = str(tmp_path / "ok.sock")
+            service.listen(dev, path)
+            with Frontend(path, queue_size=1024, mem_size=32 << 20) as fe:
+                fe.connect().setup()
+                fe.timeout = 0.5
+                # The two stalled guests: each gets exactly its share, the rest is
+                # dropped by the XDP program and counted.
+                send_from_far(topo, **{m: FLOOD for m in STALLED})
+                stalled = ports[1:]
+
+                def flood_seen():
+                    return all(c["rx_packets"] + c["drop_over_share"] >= FLOOD
+                               for c in (nic.program.counters(p.slot) for p in stalled))
+
+                wait_for(flood_seen, "the flood to reach the XDP program")
+                # The healthy guest receives every frame sent to it.
+                got: list[bytes] = []
+                fe.post_rx(BATCH)  # reposted as frames come (broadcasts take some too)
+                for b in range(BATCHES):
+                    send_from_far(topo, **{HEALTHY: BATCH})
+                    deadline = time.monotonic() + DEADLINE
+                    want = (b + 1) * BATCH
+                    while len(got) < want and time.monotonic() < deadline:
+                        with contextlib.suppress(FrontendError):
+                            raw = fe.receive(1)
+                            fe.post_rx(len(raw))
+                            got += ours(raw, topo.peer_mac)
+                    assert len(got) == want
+                # ... and sends: the far host counts every frame.
+                rx = topo.popen(sys.executable, "-c", RAW_RECEIVER, topo.peer, hexmac(HEALTHY),
+                                str(BATCH), "5", stdout=subprocess.PIPE, text=True)
+                try:
+                    assert rx.stdout.readline().strip() == "ready"
+                    frames = [bytes.fromhex(hexmac(topo.peer_mac)) + bytes.fromhex(hexmac(HEALTHY))
+                              + ETHERTYPE + b"%08d" % i + bytes(50) for i in range(BATCH)]
+                    fe.transmit(frames)
+                    fe.wait_tx_done(BATCH)
+                    far_got = int(rx.stdout.readline())
+                finally:
+                    rx.kill()
+                    rx.wait()
+                counters = [nic.program.counters(p.slot) for p in stalled]
+                held = [nic.program.held_count(p.slot, 0) for p in stalled]
+                hstats = healthy.stats()
+        finally:
+            service.stop()
+            for p in ports:
+                p.close()
+            nic.close()
+    assert sorted(f[14:22] for f in got) == sorted(
+        b"%08d" % i for i in range(BATCH) for _ in range(BATCHES))
+    assert far_got == BATCH
+    for c, h in zip(counters, held, strict=True):
+        assert (c["rx_packets"], c["drop_over_share"]) == (share, FLOOD - share)
+        assert h == share  # nobody consumed them
+    assert hstats["drop_over_share"] == 0
+    assert hstats["rx_packets"] == BATCH * BATCHES
+
+
+def frames_free(port: XdpPort) -> int:
+    """Frames of queue 0's UMEM in the pool or lent on the fill ring (not in any RX ring)."""
+    u = port.sockets[0][0].native
+    fill = u.fill
+    return u.npool[0] + ((fill.producer[0] - fill.consumer[0]) & 0xFFFFFFFF)
+
+
+def test_closing_a_device_gives_its_rx_backlog_back_to_the_pool():
+    with topology() as topo:
+        nic = Nic(topo.nic)
+        keeper = stalled = None
+        try:
+            keeper = XdpPort(nic, "keeper", HEALTHY)  # keeps the queue's UMEM alive
+            stalled = XdpPort(nic, "stalled", STALLED[0])
+            stalled.set_running(True)
+            start = frames_free(keeper)
+            assert start == NFRAMES  # nothing held, nothing sent
+            n = 500
+            send_from_far(topo, **{STALLED[0]: n})
+            wait_for(lambda: nic.program.counters(stalled.slot)["rx_packets"] >= n, "the backlog")
+            backlog = frames_free(keeper)
+            held = nic.program.held_count(stalled.slot, 0)
+            slot = stalled.slot
+            stalled.close()
+            stalled = None
+            after = frames_free(keeper)
+            held_after = nic.program.held_count(slot, 0)
+        finally:
+            for p in (stalled, keeper):
+                if p is not None:
+                    p.close()
+            nic.close()
+    assert (backlog, held) == (start - n, n)
+    assert (after, held_after) == (start, 0)
