@@ -288,17 +288,22 @@ def test_nic_down_and_up_under_a_running_device(env):
     assert d.proc.poll() is None
 
 
+def _daemon_with_saved_device(tmp_path, nic: str, mac: str) -> Daemon:
+    """A daemon started with device vm0 on file for `nic`, which does not exist yet."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "attachments.json").write_text(json.dumps([{"name": "vm0", "iface": nic,
+                                                          "mac": mac}]))
+    return Daemon(str(tmp_path / "run"), str(state)).start()
+
+
 def test_a_device_whose_nic_is_missing_waits_for_it(tmp_path):
     """A saved device whose NIC is absent at start is listed `pending` with the
     reason, stays on file, and is attached when a NIC of that name appears."""
     from pyroute2 import IPRoute
 
     nic = f"gwt{os.getpid() % 100000}late"
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "attachments.json").write_text(json.dumps([{"name": "vm0", "iface": nic,
-                                                          "mac": "52:54:00:12:00:01"}]))
-    d = Daemon(str(tmp_path / "run"), str(state)).start()
+    d = _daemon_with_saved_device(tmp_path, nic, "52:54:00:12:00:01")
     try:
         (x,) = json.loads(d.ok("list", "--json"))["devices"]
         assert x["state"] == "pending" and nic in x["reason"]
@@ -308,7 +313,7 @@ def test_a_device_whose_nic_is_missing_waits_for_it(tmp_path):
             ipr.link("set", index=ipr.link_lookup(ifname=nic)[0], state="up")
         x = _wait_listed(d, "vm0", lambda x: x["state"] == "waiting")
         assert x["state"] == "waiting" and x["xdp_mode"] == "native"
-        assert json.loads((state / "attachments.json").read_text())[0]["iface"] == nic
+        assert json.loads((tmp_path / "state" / "attachments.json").read_text())[0]["iface"] == nic
     finally:
         d.stop()
         with IPRoute() as ipr:
@@ -375,11 +380,7 @@ def test_a_waiting_device_logs_a_repeated_re_attach_failure_once(tmp_path):
     from pyroute2 import IPRoute
 
     nic = f"gwt{os.getpid() % 100000}down"
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "attachments.json").write_text(json.dumps([{"name": "vm0", "iface": nic,
-                                                          "mac": "52:54:00:12:00:02"}]))
-    d = Daemon(str(tmp_path / "run"), str(state)).start()
+    d = _daemon_with_saved_device(tmp_path, nic, "52:54:00:12:00:02")
     try:
         with IPRoute() as ipr:
             ipr.link("add", ifname=nic, kind="veth", peer=nic + "p")  # down: attach fails
