@@ -210,6 +210,14 @@ static void send_gso(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod 
         vq->drop_bad_gso++;
         return;
     }
+    /* Segments as long as the device's MTU allows, no longer: the guest's MSS
+       may not make the gateway put longer frames on the wire (issue 12). The
+       first segment is the longest (gw_gso_plan). */
+    if (local && local->max_frame
+        && plan.hdrs + (plan.payload < plan.mss ? plan.payload : plan.mss) > local->max_frame) {
+        local->over_mtu++;
+        return;
+    }
     if (xsk_prod_nb_free(tx, (__u32)n) < (__u32)n) {
         u->tx_ring_full++;
         return;
@@ -279,6 +287,13 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
             spare[s++] = addrs[i];
             continue;
         }
+        /* The device's MTU bounds what it sends, as a NIC's would; the UMEM
+           frame (the burst's cap) is larger. */
+        if (local && local->max_frame && lens[i] > local->max_frame) {
+            local->over_mtu++;
+            spare[s++] = addrs[i];
+            continue;
+        }
         if (h.flags & GW_NET_HDR_F_NEEDS_CSUM) {
             if (gw_csum_complete(f, lens[i], h.csum_start, h.csum_offset) < 0) {
                 vq->drop_bad_csum++;
@@ -297,6 +312,16 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
     transmit_or_free(u, tx, fd, wire, wire_lens, w);
     give_frames(u, spare, s);
     return got;
+}
+
+/* 1 if the kernel's RX descriptor names bytes inside one UMEM frame. It
+   always does; one that does not names no frame we could give back (its
+   address is not one we lent), so it is skipped and counted, never turned
+   into frame 0, which has an owner already. */
+static int desc_inside(const struct gw_umemq *u, const struct xdp_desc *d)
+{
+    return d->addr < (__u64)u->nframes * u->frame_size
+           && (d->addr & ~u->mask) + d->len <= u->frame_size;
 }
 
 void gw_held_sub(uint64_t *held, uint64_t n)
@@ -321,9 +346,11 @@ unsigned gw_xsk_rx_drain(struct gw_umemq *u, struct xsk_ring_cons *rx)
     /* Bounded by the ring: the socket is out of the XSKMAP, nothing refills it. */
     while (total <= u->nframes && (k = xsk_ring_cons__peek(rx, MAX_BURST, &idx)) > 0) {
         for (uint32_t i = 0; i < k; i++) {
-            __u64 a = xsk_ring_cons__rx_desc(rx, idx + i)->addr;
-            /* only frames of this UMEM go back to its pool */
-            addrs[i] = a < (__u64)u->nframes * u->frame_size ? (a & u->mask) : UINT64_MAX;
+            const struct xdp_desc *d = xsk_ring_cons__rx_desc(rx, idx + i);
+            /* only frames of this UMEM go back to its pool (desc_inside) */
+            addrs[i] = desc_inside(u, d) ? (d->addr & u->mask) : UINT64_MAX;
+            if (addrs[i] == UINT64_MAX)
+                __atomic_fetch_add(&u->rx_bad_desc, 1, __ATOMIC_RELAXED);
         }
         xsk_ring_cons__release(rx, k);
         lock(u);
@@ -341,9 +368,9 @@ int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *
                     uint64_t *held)
 {
     __u64 offs[MAX_BURST];
-    uint32_t lens[MAX_BURST], idx, k;
+    uint32_t lens[MAX_BURST], pos[MAX_BURST], idx, k, g = 0, used;
     uint8_t flags[MAX_BURST];
-    int got;
+    int got = 0;
 
     if (vq->error)
         return -1;
@@ -351,30 +378,38 @@ int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *
     if (!k)
         return 0;
     for (uint32_t i = 0; i < k; i++) {
-        /* The kernel wrote these; a frame overrunning its chunk would be its
-           bug, but refusing one costs nothing. */
         const struct xdp_desc *d = xsk_ring_cons__rx_desc(rx, idx + i);
-        int inside = (d->addr & ~u->mask) + d->len <= u->frame_size
-                     && d->addr < (__u64)u->nframes * u->frame_size;
-        offs[i] = inside ? d->addr : 0;
-        lens[i] = inside ? d->len : 0;
+
+        if (!desc_inside(u, d))
+            continue;
+        pos[g] = i;                 /* the good frames, in ring order */
+        offs[g] = d->addr;
+        lens[g] = d->len;
         /* The guest may skip checking what we verified (GUEST_CSUM). */
-        flags[i] = vq->guest_csum && gw_csum_verify(u->area + offs[i], lens[i])
+        flags[g] = vq->guest_csum && gw_csum_verify(u->area + offs[g], lens[g])
                    ? GW_NET_HDR_F_DATA_VALID : 0;
+        g++;
     }
-    vq->rx_flags = flags;
-    got = gw_vq_rx_burst(vq, u->area, (const uint64_t *)offs, lens, k);
-    vq->rx_flags = NULL;
-    for (int i = 0; i < got; i++)
-        vq->rx_csum_valid += flags[i] != 0;
-    if (got < 0) {
-        xsk_ring_cons__cancel(rx, k);
-        return -1;
+    if (g) {
+        vq->rx_flags = flags;
+        got = gw_vq_rx_burst(vq, u->area, (const uint64_t *)offs, lens, g);
+        vq->rx_flags = NULL;
+        if (got < 0) {
+            xsk_ring_cons__cancel(rx, k);
+            return -1;
+        }
+        for (int i = 0; i < got; i++)
+            vq->rx_csum_valid += flags[i] != 0;
     }
-    xsk_ring_cons__cancel(rx, k - (uint32_t)got);   /* the rest waits for guest buffers */
-    xsk_ring_cons__release(rx, (uint32_t)got);
-    if (held && got)
-        gw_held_sub(held, (uint64_t)got);
+    /* The ring is consumed in order: up to the first good frame the guest had
+       no buffer for (the rest waits), bad descriptors before it included. */
+    used = (uint32_t)got < g ? pos[got] : k;
+    if (used > (uint32_t)got)
+        __atomic_fetch_add(&u->rx_bad_desc, used - (uint32_t)got, __ATOMIC_RELAXED);
+    xsk_ring_cons__cancel(rx, k - used);
+    xsk_ring_cons__release(rx, used);
+    if (held && used)
+        gw_held_sub(held, (uint64_t)used);   /* the program counted every redirect */
     lock(u);
     for (int i = 0; i < got && *u->npool < u->nframes; i++)
         u->pool[(*u->npool)++] = offs[i] & u->mask;

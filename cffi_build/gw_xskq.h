@@ -27,6 +27,7 @@ struct gw_umemq {
     uint32_t lock;
     uint64_t tx_no_frame;      /* TX bursts cut short for want of a free frame */
     uint64_t tx_ring_full;     /* ... or of room in the socket's TX ring */
+    uint64_t rx_bad_desc;      /* RX descriptors outside the UMEM: skipped, frame unknown */
 };
 
 /* What a guest's TX burst must know beyond its rings. Frames that must
@@ -57,6 +58,12 @@ struct gw_local {
        guest must not put frames on another VLAN of the wire. */
     unsigned vlan;
     uint64_t tagged;           /* frames dropped for carrying their own VLAN tag */
+    /* The device's MTU (issue 12): the longest frame the guest may send, its
+       Ethernet header included and the gateway's VLAN tag not (XdpPort.max_frame);
+       0 = the UMEM frame is the only limit. Longer frames are dropped, GSO frames
+       whose segments would be longer too. */
+    uint32_t max_frame;
+    uint64_t over_mtu;         /* frames dropped for max_frame */
 };
 
 /* Return completed TX frames to the pool and top up the fill ring. */
@@ -69,7 +76,9 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
                       unsigned n, struct gw_local *local);
 
 /* Socket RX -> guest RX, up to n frames. Frames delivered or dropped as too
-   big, or -1; those the guest has no buffers for stay in the RX ring. What
+   big, or -1; those the guest has no buffers for stay in the RX ring. A
+   descriptor outside the UMEM is consumed, counted (u->rx_bad_desc) and
+   neither delivered nor given back to the pool: its frame is unknown. What
    it consumed is subtracted from *held (the XDP program's count of frames
    this socket holds, bpf/gateway_xdp.c `held`; may be NULL). */
 int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *rx, unsigned n,
@@ -79,7 +88,8 @@ int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *
 void gw_held_sub(uint64_t *held, uint64_t n);
 
 /* Every frame in a socket's RX ring back to the pool, none to a guest: a
-   socket about to close. Returns how many. */
+   socket about to close. Returns how many descriptors it consumed
+   (those outside the UMEM are counted in rx_bad_desc, not pooled). */
 unsigned gw_xsk_rx_drain(struct gw_umemq *u, struct xsk_ring_cons *rx);
 
 /* Frames (base + offs[i], lens[i]) to the wire, copied into UMEM frames: the

@@ -303,7 +303,7 @@ class Gateway:
                 drops["xdp_" + reason.removeprefix("drop_")] = p[reason]
             for reason in ("rx_dropped", "rx_ring_full", "rx_fill_ring_empty_descs",
                            "tx_ring_full", "tx_no_frame", "tx_spoofed", "tx_runt",
-                           "tx_tagged"):
+                           "tx_tagged", "tx_over_mtu", "rx_bad_desc"):
                 drops[reason] = p[reason]
             out[n] = {k: s[k] for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
                                         "broken_total", "log_miss")}

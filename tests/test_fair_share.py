@@ -14,6 +14,9 @@ import subprocess
 import sys
 import time
 
+from gateway._native import ffi, lib
+from test_ring import Env
+
 from gateway.datapath.xdp_port import XdpPort
 from gateway.registry import Registry
 from gateway.testing.frontend import Frontend, FrontendError
@@ -191,3 +194,90 @@ def test_closing_a_device_gives_its_rx_backlog_back_to_the_pool():
             nic.close()
     assert (backlog, held) == (start - n, n)
     assert (after, held_after) == (start, 0)
+
+
+# --- RX descriptors the kernel should never write -----------------------------------
+#
+# gw_xsk_to_guest over a fake socket RX ring in memory this test owns: the kernel
+# never writes a descriptor outside the UMEM, so only a fake ring can show what the
+# burst does with one. It must not deliver it, nor give any frame back for it: its
+# frame is unknown, and the old code's "frame 0" already had an owner.
+
+FS = 4096      # UMEM frame size
+NFR = 8        # UMEM frames
+RING = 8       # fake RX ring slots
+
+
+class FakeUmem:
+    """A gw_umemq over memory of ours, with an RX ring we write as the kernel would."""
+
+    def __init__(self):
+        self.ffi = ffi
+        self.area = ffi.new("uint8_t[]", NFR * FS)
+        self.pool = ffi.new("__u64[]", NFR)
+        self.npool = ffi.new("unsigned *", 0)
+        self.idx = ffi.new("__u32[6]")  # producer/consumer of rx, fill, comp
+        self.descs = ffi.new("struct xdp_desc[]", RING)
+        self.fill_ring = ffi.new("uint64_t[]", RING)
+        self.comp_ring = ffi.new("uint64_t[]", RING)
+        self.flags = ffi.new("__u32[3]")
+        self.rx = self._ring("struct xsk_ring_cons *", 0, self.descs)
+        self.fill = self._ring("struct xsk_ring_prod *", 2, self.fill_ring)
+        self.fill.cached_cons = RING  # libxdp's start for a producer ring: all free
+        self.comp = self._ring("struct xsk_ring_cons *", 4, self.comp_ring)
+        u = self.u = ffi.new("struct gw_umemq *")
+        u.area, u.frame_size, u.mask = self.area, FS, ~(FS - 1) & (2**64 - 1)
+        u.fill, u.comp, u.pool, u.npool = self.fill, self.comp, self.pool, self.npool
+        u.nframes, u.fill_target, u.fd = NFR, 0, -1  # fill ring left alone
+        self.held = ffi.new("uint64_t *", 0)
+
+    def _ring(self, ctype, i, ring):
+        r = self.ffi.new(ctype)
+        r.mask, r.size = RING - 1, RING
+        r.producer, r.consumer = self.idx + i, self.idx + i + 1
+        r.ring, r.flags = ring, self.flags + i // 2
+        return r
+
+    def produce(self, *descs: tuple[int, int], data: dict[int, bytes] | None = None):
+        """The kernel's side: descriptors (addr, len) onto the RX ring, each counted
+        as held by the XDP program's redirect."""
+        for addr, length in descs:
+            d = self.descs[self.idx[0] % RING]
+            d.addr, d.len = addr, length
+            self.idx[0] += 1
+            self.held[0] += 1
+        for addr, b in (data or {}).items():
+            self.ffi.memmove(self.area + addr, b, len(b))
+
+    def pooled(self) -> list[int]:
+        return sorted(self.pool[i] for i in range(self.npool[0]))
+
+
+def test_rx_descriptor_outside_the_umem_is_skipped_counted_and_never_pooled():
+    env = Env(hdr_len=12)
+    fu = FakeUmem()
+    a, b = b"A" * 60, b"B" * 70
+    fu.produce((1 * FS, len(a)),
+               (NFR * FS + 64, 60),   # past the UMEM's last frame
+               (2 * FS + 4000, 200),  # runs over the end of frame 2
+               (3 * FS + 256, len(b)),
+               data={1 * FS: a, 3 * FS + 256: b})
+    env.drv.add_in()  # the guest has one buffer
+    assert lib.gw_xsk_to_guest(env.vq.native, fu.u, fu.rx, 32, fu.held) == 1
+    # consumed: A and the two bad ones behind it; B waits for a buffer
+    assert (fu.idx[1], fu.held[0], fu.u.rx_bad_desc) == (3, 1, 2)
+    assert fu.pooled() == [1 * FS]
+    env.drv.add_in()
+    env.drv.add_in()
+    assert lib.gw_xsk_to_guest(env.vq.native, fu.u, fu.rx, 32, fu.held) == 1
+    assert (fu.idx[1], fu.held[0], fu.u.rx_bad_desc) == (4, 0, 2)  # not counted twice
+    assert fu.pooled() == [1 * FS, 3 * FS]  # frame 0 and frame 2 have other owners
+    got = [env.drv.read_in(h, n)[12:] for h, n in env.drv.poll_used()]
+    assert got == [a, b]  # nothing for the bad descriptors, not even an empty frame
+    assert env.vq.stats["packets"] == 2
+
+    # A closing socket's drain skips them the same way.
+    fu.produce((NFR * FS, 60), (5 * FS, 60))
+    assert lib.gw_xsk_rx_drain(fu.u, fu.rx) == 2
+    assert fu.u.rx_bad_desc == 3
+    assert fu.pooled() == [1 * FS, 3 * FS, 5 * FS]

@@ -66,6 +66,7 @@ class XdpQueue:
         loc.cap = self._local_buf.nframes
         loc.own_mac, loc.check_src = mac_key(port.mac), not port.allow_spoofing
         loc.vlan = port.vlan
+        loc.max_frame = port.max_frame  # the device's MTU holds on TX too
 
     def pump(self, txq: VirtQueue, rxq: VirtQueue) -> bool:
         """Bursts both ways in C until idle (see gw_pump_run); Python only runs
@@ -247,19 +248,22 @@ class XdpPort:
     def stats(self) -> dict[str, int]:
         """BPF counters of the slot, the sockets' XDP_STATISTICS (rx_ring_full and
         friends: drops the XDP program cannot see), guest frames refused for
-        their source MAC, length or own VLAN tag (tx_spoofed, tx_runt,
-        tx_tagged) and, for the NIC queues this device sends on, TX bursts cut
-        short for want of frames or ring room (shared with the other devices
-        on those queues)."""
+        their source MAC, length, own VLAN tag or MTU (tx_spoofed, tx_runt,
+        tx_tagged, tx_over_mtu), for the NIC queues this device sends on, TX
+        bursts cut short for want of frames or ring room, and for those it
+        reads, RX descriptors outside the UMEM (rx_bad_desc); these last
+        three are shared with the other devices on those queues."""
         out = dict(self.nic.program.counters(self.slot))
-        for key in (*STATS_KEYS, "tx_no_frame", "tx_ring_full"):
+        for key in (*STATS_KEYS, "tx_no_frame", "tx_ring_full", "rx_bad_desc"):
             out[key] = 0
         out["tx_spoofed"] = sum(q._local.spoofed for q in self._queues.values())
         out["tx_runt"] = sum(q._local.runts for q in self._queues.values())
         out["tx_tagged"] = sum(q._local.tagged for q in self._queues.values())
-        for _, s in self.sockets.values():
+        out["tx_over_mtu"] = sum(q._local.over_mtu for q in self._queues.values())
+        for qu, s in self.sockets.values():
             for key, v in s.stats().items():
                 out[key] += v
+            out["rx_bad_desc"] += qu.native.rx_bad_desc
         for q in {qp % self.nic.nqueues for qp in range(self.queue_pairs)}:
             u = self.sockets[q][0].native
             out["tx_no_frame"] += u.tx_no_frame
