@@ -364,6 +364,44 @@ unsigned gw_xsk_rx_drain(struct gw_umemq *u, struct xsk_ring_cons *rx)
     return total;
 }
 
+unsigned gw_xsk_tx_drain(struct gw_umemq *u, struct xsk_ring_prod *tx, int fd, int reclaim)
+{
+    __u64 addrs[MAX_BURST];
+    uint32_t cons, prod;
+    unsigned back = 0;
+
+    /* The kernel takes what it is kicked for (copy mode: up to 32 a kick); a
+       ring it keeps refusing (a busy driver) gets as many kicks as it has
+       batches, then we stop asking. */
+    for (uint32_t i = 0; i < tx->size / 32 + MAX_KICKS; i++) {
+        if (__atomic_load_n(tx->consumer, __ATOMIC_ACQUIRE) == *tx->producer)
+            return 0;
+        gw_xsk_kick(fd);
+    }
+    if (!reclaim)
+        return 0;
+    /* What it still did not take: in copy mode the kernel reads this ring only
+       when the socket is kicked or polled, which no one does again, so these
+       frames are ours once more and go back to the pool. */
+    cons = __atomic_load_n(tx->consumer, __ATOMIC_ACQUIRE);
+    prod = *tx->producer;
+    if (prod - cons > tx->size)
+        return 0;                   /* not a ring state we made: touch nothing */
+    while (cons != prod) {
+        uint32_t m = 0, k = prod - cons > MAX_BURST ? MAX_BURST : prod - cons;
+
+        for (uint32_t i = 0; i < k; i++) {
+            __u64 a = xsk_ring_prod__tx_desc(tx, cons + i)->addr;
+            if (a < (__u64)u->nframes * u->frame_size)  /* ours, checked all the same */
+                addrs[m++] = a;
+        }
+        give_frames(u, addrs, m);
+        back += m;
+        cons += k;
+    }
+    return back;
+}
+
 int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *rx, unsigned n,
                     uint64_t *held)
 {

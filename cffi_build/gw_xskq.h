@@ -92,6 +92,12 @@ void gw_held_sub(uint64_t *held, uint64_t n);
    (those outside the UMEM are counted in rx_bad_desc, not pooled). */
 unsigned gw_xsk_rx_drain(struct gw_umemq *u, struct xsk_ring_cons *rx);
 
+/* A socket about to close: kick until the kernel took its TX ring, and with
+   reclaim (copy mode, where only a kick or poll makes the kernel read the
+   ring) give what it never took back to the pool. Returns how many frames
+   went back that way. */
+unsigned gw_xsk_tx_drain(struct gw_umemq *u, struct xsk_ring_prod *tx, int fd, int reclaim);
+
 /* Frames (base + offs[i], lens[i]) to the wire, copied into UMEM frames: the
    slow path for control frames. Returns how many were queued. */
 int gw_xsk_send(struct gw_umemq *u, struct xsk_ring_prod *tx, int fd, const uint8_t *base,

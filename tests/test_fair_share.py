@@ -216,11 +216,11 @@ class FakeUmem:
         self.area = ffi.new("uint8_t[]", NFR * FS)
         self.pool = ffi.new("__u64[]", NFR)
         self.npool = ffi.new("unsigned *", 0)
-        self.idx = ffi.new("__u32[6]")  # producer/consumer of rx, fill, comp
+        self.idx = ffi.new("__u32[8]")  # producer/consumer of rx, fill, comp, a TX ring
         self.descs = ffi.new("struct xdp_desc[]", RING)
         self.fill_ring = ffi.new("uint64_t[]", RING)
         self.comp_ring = ffi.new("uint64_t[]", RING)
-        self.flags = ffi.new("__u32[3]")
+        self.flags = ffi.new("__u32[4]")
         self.rx = self._ring("struct xsk_ring_cons *", 0, self.descs)
         self.fill = self._ring("struct xsk_ring_prod *", 2, self.fill_ring)
         self.fill.cached_cons = RING  # libxdp's start for a producer ring: all free
@@ -281,3 +281,62 @@ def test_rx_descriptor_outside_the_umem_is_skipped_counted_and_never_pooled():
     assert lib.gw_xsk_rx_drain(fu.u, fu.rx) == 2
     assert fu.u.rx_bad_desc == 3
     assert fu.pooled() == [1 * FS, 3 * FS, 5 * FS]
+
+
+def test_closing_a_device_gives_its_unsent_tx_frames_back_to_the_pool():
+    """TX descriptors queued on a socket and never kicked (a worker stopped between
+    submit and kick) are the pool's frames too: closing the socket must not lose them."""
+    with topology() as topo:
+        nic = Nic(topo.nic)
+        keeper = leaver = None
+        try:
+            keeper = XdpPort(nic, "keeper", HEALTHY)
+            leaver = XdpPort(nic, "leaver", STALLED[0])
+            qu, s = leaver.sockets[0]
+            u = qu.native
+            start = frames_free(keeper)
+            n = 100
+            idx = ffi.new("__u32 *")
+            assert lib.xsk_ring_prod__reserve(s.tx, n, idx) == n
+            frame = bytes.fromhex(hexmac(topo.peer_mac) + hexmac(STALLED[0])) + ETHERTYPE
+            for i in range(n):  # what a burst does, minus the kick
+                u.npool[0] -= 1
+                addr = u.pool[u.npool[0]]
+                ffi.memmove(u.area + addr, frame + bytes(50), 64)
+                d = lib.xsk_ring_prod__tx_desc(s.tx, idx[0] + i)
+                d.addr, d.len, d.options = addr, 64, 0
+            lib.xsk_ring_prod__submit(s.tx, n)
+            queued = frames_free(keeper)
+            leaver.close()
+            leaver = None
+            # sent frames come back through the completion ring: wait for the last
+            kq = keeper.sockets[0][0].native
+
+            def all_back():
+                lib.gw_umemq_refill(kq)
+                return frames_free(keeper) == start
+
+            wait_for(all_back, "every frame back in the pool")
+        finally:
+            for p in (leaver, keeper):
+                if p is not None:
+                    p.close()
+            nic.close()
+    assert queued == start - n
+
+
+def test_tx_drain_reclaims_what_the_kernel_never_took_only_in_copy_mode():
+    """gw_xsk_tx_drain over a fake TX ring that no kernel reads (fd -1: every kick
+    fails): with reclaim (copy mode) the frames queued on it go back to the pool,
+    an address outside the UMEM excepted; without (zero-copy, where the driver may
+    still read the ring) nothing does."""
+    fu = FakeUmem()
+    descs = ffi.new("struct xdp_desc[]", RING)
+    tx = fu._ring("struct xsk_ring_prod *", 6, descs)
+    for i, addr in enumerate((4 * FS, NFR * FS, 6 * FS)):
+        descs[i].addr, descs[i].len = addr, 60
+    fu.idx[6] = 3  # producer: three queued, none taken (consumer 0)
+    assert lib.gw_xsk_tx_drain(fu.u, tx, -1, 0) == 0
+    assert fu.pooled() == []
+    assert lib.gw_xsk_tx_drain(fu.u, tx, -1, 1) == 2
+    assert fu.pooled() == [4 * FS, 6 * FS]

@@ -282,6 +282,9 @@ class XdpPort:
             # Frames still in the RX ring (a guest that took none) go back to the
             # queue's pool: closing the socket would lose them to every device.
             lib.gw_xsk_rx_drain(qu.native, s.rx)
+            # So do TX frames the kernel never took (kicked first; reclaimed only in
+            # copy mode, where nothing but a kick makes the kernel read the ring).
+            lib.gw_xsk_tx_drain(qu.native, s.tx, s.fd, s.mode == "copy")
             prog.reset_held(self.slot, q)
             self.nic.release_socket(qu, s)
         self.sockets.clear()
