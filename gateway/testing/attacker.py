@@ -6,11 +6,16 @@ that re-arming costs the attacker almost nothing: the split attacks point
 every avail entry at one head and only move avail->idx on; the packed ones
 lay long chains of zero-length descriptors over the whole ring.
 
-Used by tests/test_bounded_bursts.py (C ring directly and through a daemon)
-and meant for the benchmark's noisy-neighbour row.
+Used by tests/test_bounded_bursts.py (C ring directly),
+tests/test_burst_attack_daemon.py (through a daemon) and the benchmark's
+noisy-neighbour row (benchmarks/noisy.py).
 """
 
 from __future__ import annotations
+
+import struct
+
+from gateway.testing.packed_driver import F_AVAIL, F_USED, avail_flags
 
 F_NEXT = 1
 F_WRITE = 2
@@ -54,3 +59,69 @@ def packed_fill(drv, chain: int, *, write: bool, length: int = 0) -> int:
         left -= k
         n += 1
     return n
+
+
+class PackedRearm:
+    """packed_fill's chains, posted again each time the device took them all,
+    for the price of three memory copies per chain (the benchmark's attacker
+    must cost almost nothing: packed_fill builds each descriptor in Python).
+
+    A packed ring is available only descriptor by descriptor, in the wrap the
+    driver is on (2.8.6), so a re-arm must rewrite every flags field; address,
+    length and id never change, so the whole ring is written from one of two
+    images made once (one per wrap), each chain's body before its head.
+    """
+
+    def __init__(self, drv, chain: int, *, write: bool, length: int = 0) -> None:
+        if not 1 <= chain <= drv.size:
+            raise ValueError(f"chain of {chain} descriptors in a ring of {drv.size}")
+        self.drv = drv
+        self.heads = list(range(0, drv.size, chain))
+        self.chain = chain
+        flags = F_WRITE if write else 0
+        self._image = {}
+        for wrap in (0, 1):
+            avail = avail_flags(wrap)
+            img = bytearray(16 * drv.size)
+            for n, head in enumerate(self.heads):
+                k = min(chain, drv.size - head)
+                for j in range(k):
+                    f = flags | avail | (F_NEXT if j + 1 < k else 0)
+                    struct.pack_into("<QIHH", img, 16 * (head + j), drv.slot_gpa(0), length,
+                                     n, f)
+            self._image[wrap] = bytes(img)
+        self.posted_wrap: int | None = None  # the wrap of the chains on offer
+        self.rounds = 0
+
+    def taken(self) -> bool:
+        """The device used every chain: each head holds its used element,
+        AVAIL == USED == the wrap the chains were posted in. Every head is
+        read, not only the last: the device publishes a batch's first used
+        element last."""
+        if self.posted_wrap is None:
+            return True
+        w = bool(self.posted_wrap)
+        for head in self.heads:
+            f = self.drv.read_desc(head)[3]
+            if not bool(f & F_AVAIL) == w == bool(f & F_USED):
+                return False
+        return True
+
+    def rearm(self) -> bool:
+        """Offer the whole ring again if the device took it; True if it did.
+        Each chain's body first, then its head's address, length and id, then
+        the head's flags, which make the chain available."""
+        if not self.taken():
+            return False
+        drv, wrap = self.drv, self.drv.avail_wrap
+        img, base, mem = self._image[wrap], drv.desc_gpa, drv.mem
+        for head in reversed(self.heads):  # chain 0 last: the device starts there
+            a, end = 16 * head, 16 * min(head + self.chain, drv.size)
+            mem[base + a + 16 : base + end] = img[a + 16 : end]
+            mem[base + a : base + a + 14] = img[a : a + 14]
+            mem[base + a + 14 : base + a + 16] = img[a + 14 : a + 16]
+        drv.avail_wrap ^= 1  # the chains fill the ring: next_avail is back where it was
+        drv._added += drv.size
+        self.posted_wrap = wrap
+        self.rounds += 1
+        return True
