@@ -25,6 +25,11 @@ figure is the median of --runs runs, with min and max. Then: zero-loss rate
 the gateway's idle CPU, TCP throughput of a QEMU guest with its checksum/TSO
 offloads on and off (tcp_offload.py), and RSS per device. Nothing here
 asserts a timing.
+
+Noisy neighbour (noisy.py; --no-noisy skips it, --noisy-only runs it alone):
+the healthy guest's throughput with 1 queue pair alone, then beside a guest
+on the same NIC running the burst attack and beside one stalling its RX ring
+while the far host floods it (issue 12's goal: >= 90 % of alone).
 """
 
 from __future__ import annotations
@@ -42,8 +47,9 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import noisy  # noqa: E402
 import setups  # noqa: E402
-from setups import GUEST_MAC, SOURCE_CPU, forwarder_cpus, lcores  # noqa: E402
+from setups import FORWARDER_CPU, GUEST_MAC, SOURCE_CPU, forwarder_cpus, lcores  # noqa: E402
 
 from gateway.datapath.xdp_port import SPIN_NS, set_busy_poll  # noqa: E402
 from gateway.testing import testpmd as tp  # noqa: E402
@@ -320,6 +326,40 @@ def extras(args) -> dict:
     return out
 
 
+# -- noisy neighbour (issue 12): benchmarks/noisy.py -----------------------------------
+
+
+def noisy_neighbour(args) -> list[dict]:
+    """The healthy guest's throughput (1 queue pair, measured by RUNNERS as
+    the "gateway" rows are) alone and beside each attacking neighbour on the
+    same NIC; the runs alternate (alone, burst, stall, alone, ...) so a
+    disturbance hits every neighbour alike."""
+    neighbours = ["alone", *args.noisy_attacks]
+    results = []
+    for direction, size in itertools.product(args.directions, args.noisy_sizes):
+        runs: dict[str, list[tuple[float, dict]]] = {n: [] for n in neighbours}
+        for _, name in itertools.product(range(args.runs), neighbours):
+            if not wait_quiet(args.quiet_wait):
+                print("  warning: other processes keep a CPU busy; measuring anyway",
+                      file=sys.stderr)
+            neighbour = noisy.Neighbour(name, args.noisy_flood_kpps)
+            setups.SERVERS["noisy"] = neighbour.serve  # for this run's RUNNERS call only
+            try:
+                with topology() as topo:
+                    pps = RUNNERS[direction]("noisy", topo, size, 1, args.seconds)
+            finally:
+                del setups.SERVERS["noisy"]
+            runs[name].append((pps, neighbour.report))
+            print(f"  noisy {name} {direction} {size} B: {pps / 1e6:.3f} Mpps", file=sys.stderr)
+        results += noisy.summarize(direction, size, runs)
+    print(f"\nnoisy neighbour: the healthy guest's throughput, 1 queue pair; CPU {FORWARDER_CPU}:"
+          f" the gateway (both devices' workers); CPU {SOURCE_CPU}: the guests, the far host's"
+          f" source, the attacker and its flood ({args.noisy_flood_kpps} frames/ms asked); "
+          f"goal >= {noisy.GOAL:.0%} of alone; attacker/flood: their own CPU time")
+    print(noisy.table(results))
+    return results
+
+
 def csv_list(kind):
     return lambda s: [kind(x) for x in s.split(",") if x]
 
@@ -343,7 +383,17 @@ def main(argv=None) -> dict:
                     help="TCP runs per offload setting with a QEMU guest (0: none)")
     ap.add_argument("--tcp-mbytes", type=int, default=8, help="MiB each way per TCP run")
     ap.add_argument("--no-extras", dest="extras", action="store_false",
-                    help="throughput only: no zero-loss search, latency, idle CPU or RSS")
+                    help="throughput only: no noisy neighbour, zero-loss search, latency, "
+                    "idle CPU or RSS")
+    ap.add_argument("--no-noisy", dest="noisy", action="store_false",
+                    help="no noisy-neighbour row")
+    ap.add_argument("--noisy-only", action="store_true",
+                    help="the noisy-neighbour row alone (with --seconds, --runs, --directions)")
+    ap.add_argument("--noisy-attacks", type=csv_list(str), default=list(noisy.DEFAULT_ATTACKS),
+                    help=f"neighbours beside the healthy guest: {', '.join(noisy.ATTACKS)}")
+    ap.add_argument("--noisy-sizes", type=csv_list(int), default=[64])
+    ap.add_argument("--noisy-flood-kpps", type=int, default=10,
+                    help="frames per ms the far host sends the attacking neighbour")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write a PNG plot here")
     args = ap.parse_args(argv)
@@ -353,15 +403,21 @@ def main(argv=None) -> dict:
     for name in args.directions:
         if name not in DIRECTIONS:
             ap.error(f"unknown direction {name!r}: choose from {', '.join(DIRECTIONS)}")
-    results = throughput(args)
-    print(table(results))
+    for name in args.noisy_attacks:
+        if name not in noisy.ATTACKS:
+            ap.error(f"unknown attack {name!r}: choose from {', '.join(noisy.ATTACKS)}")
+    results = [] if args.noisy_only else throughput(args)
+    if results:
+        print(table(results))
     out = {"seconds": args.seconds, "runs": args.runs, "results": results}
-    if args.extras:
+    if args.noisy_only or (args.extras and args.noisy):
+        out["noisy"] = noisy_neighbour(args)
+    if args.extras and not args.noisy_only:
         out.update(extras(args))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
-    if args.plot:
+    if args.plot and results:
         plot(results, args.plot)
     return out
 
