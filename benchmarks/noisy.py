@@ -172,7 +172,8 @@ def _pinned_argv(*argv: str) -> list[str]:
 
 
 def _cpu_pct(r: dict) -> float | None:
-    return 100 * r["cpu_s"] / r["seconds"] if r.get("seconds") else None
+    """A child's CPU time over its attack, % of one CPU (never below 0: os.times() ticks)."""
+    return max(0.0, 100 * r["cpu_s"] / r["seconds"]) if r.get("seconds") else None
 
 
 # -- the gateway with two devices on one NIC ------------------------------------------
