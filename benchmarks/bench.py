@@ -354,8 +354,9 @@ def noisy_neighbour(args) -> list[dict]:
         results += noisy.summarize(direction, size, runs)
     print(f"\nnoisy neighbour: the healthy guest's throughput, 1 queue pair; CPU {FORWARDER_CPU}:"
           f" the gateway (both devices' workers); CPU {SOURCE_CPU}: the guests, the far host's"
-          f" source, the attacker and its flood ({args.noisy_flood_kpps} frames/ms asked); "
-          f"goal >= {noisy.GOAL:.0%} of alone; attacker/flood: their own CPU time")
+          f" source, the attacker, and the far host's flood to the neighbour's MAC in every row"
+          f" ({args.noisy_flood_kpps} kpps asked); goal >= {noisy.GOAL:.0%} of alone;"
+          f" attacker, flood: their own CPU time")
     print(noisy.table(results))
     return results
 
@@ -393,7 +394,7 @@ def main(argv=None) -> dict:
                     help=f"neighbours beside the healthy guest: {', '.join(noisy.ATTACKS)}")
     ap.add_argument("--noisy-sizes", type=csv_list(int), default=[64])
     ap.add_argument("--noisy-flood-kpps", type=int, default=10,
-                    help="frames per ms the far host sends the attacking neighbour")
+                    help="the far host's flood to the neighbour's MAC (every row), kpps")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write a PNG plot here")
     args = ap.parse_args(argv)
