@@ -56,7 +56,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -110,6 +110,29 @@ print(json.dumps({"sent": sent, "refused": full, "seconds": w1 - w0,
 # -- the attacking guest (a child process on SOURCE_CPU) ------------------------------
 
 
+def arm(fe: Frontend, kind: str) -> Callable[[], bool]:
+    """Lay the attack on the rings; returns the re-arm, True if it re-armed
+    (a stalled guest lays nothing and never re-arms)."""
+    if kind == "stall":
+        return lambda: False
+    tx, rx = fe.rings[1], fe.rings[0]
+    if fe.packed:
+        attacker.packed_fill(rx, RING, write=True)
+        packed = attacker.PackedRearm(tx, RING, write=False)
+        rearm = packed.rearm
+    else:
+        attacker.split_chain(rx, RING, write=True)
+        attacker.split_fill(rx)
+        attacker.split_chain(tx, RING, write=False)
+        attacker.split_fill(tx)
+
+        def rearm() -> bool:
+            attacker.split_rearm(tx)  # one 16-bit store: the ring full again
+            return True
+    os.eventfd_write(fe.kicks[0], 1)
+    return rearm
+
+
 def attack(kind: str, sock: str) -> None:
     """Connect as a guest, arm the rings, re-arm each PERIOD until stdin closes;
     then print the rounds and the CPU the loop took (not the start-up's)."""
@@ -117,25 +140,7 @@ def attack(kind: str, sock: str) -> None:
         raise SystemExit(f"unknown attack {kind!r}: choose from {', '.join(ATTACKS)}")
     fe = Frontend(sock, queue_size=RING, timeout=30, packed=kind == "burst-packed")
     try:
-        fe.connect().setup()
-        rearm = lambda: False  # noqa: E731 -- stall: nothing to do, ever
-        if kind.startswith("burst"):
-            tx, rx = fe.rings[1], fe.rings[0]
-            if fe.packed:
-                attacker.packed_fill(rx, RING, write=True)
-                packed = attacker.PackedRearm(tx, RING, write=False)
-                rearm = packed.rearm
-            else:
-                attacker.split_chain(rx, RING, write=True)
-                attacker.split_fill(rx)
-                attacker.split_chain(tx, RING, write=False)
-
-                def rearm() -> bool:
-                    attacker.split_rearm(tx)
-                    return True
-
-                attacker.split_fill(tx)
-            os.eventfd_write(fe.kicks[0], 1)
+        rearm = arm(fe.connect().setup(), kind)
         print("ready", flush=True)
         rounds = 0
         wait = PERIOD[kind]  # None: a stalled guest never wakes
