@@ -2,7 +2,8 @@
 long chains of zero-length descriptors on TX and RX, with split or packed
 rings, does not starve a healthy guest on the same NIC, `gateway list`
 answers, and its reset and detach complete. Counts are exact; no timing is
-asserted (the timeouts are generous)."""
+asserted (the timeouts are generous). The packed attacker's re-arm is also
+checked on the C ring alone."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import os
 import threading
 
 import pytest
+from test_bounded_bursts import Env
 from test_hostile_guest import FarHost, frame, wait_for
 
 from gateway import control
 from gateway.testing import attacker
 from gateway.testing.frontend import Frontend
 from gateway.virtio.features import Net
+from gateway.virtio.ring import FrameBuffer
 
 GOOD, BAD = "52:54:00:00:12:01", "52:54:00:00:12:02"
 N = 64
@@ -137,3 +140,24 @@ def test_attacker_keeps_rearming_healthy_guest_moves_exact_counts(env, packed):
         far.close()
         good.close()
         bad.close()
+
+
+@pytest.mark.parametrize(("size", "chain"), [(1024, 1024), (256, 64), (256, 100)])
+def test_packed_rearm_offers_the_ring_again_only_once_it_was_taken(size, chain):
+    """The packed attacker above, on the C ring alone: a re-arm before the
+    device took every chain changes nothing; after, the same chains are
+    taken again, each dropped tx_short (a last partial chain included)."""
+    env = Env(size, packed=True)
+    pr = attacker.PackedRearm(env.drv, chain, write=False)
+    nchains = -(-size // chain)
+    buf = FrameBuffer(64, 2048)
+    for rounds in range(1, 4):
+        assert pr.rearm()
+        before = bytes(env.map[env.drv.desc_gpa : env.drv.desc_gpa + 16 * size])
+        assert not pr.rearm()  # nothing taken yet: the ring is left alone
+        assert bytes(env.map[env.drv.desc_gpa : env.drv.desc_gpa + 16 * size]) == before
+        while env.vq.pending():
+            assert env.vq.tx_burst(buf) == 0
+        assert pr.taken()
+        assert env.vq.stats["drop_short"] == rounds * nchains
+    assert env.vq.stats["packets"] == 0 and pr.rounds == 3
