@@ -407,6 +407,8 @@ def main(argv=None) -> dict:
     for name in args.noisy_attacks:
         if name not in noisy.ATTACKS:
             ap.error(f"unknown attack {name!r}: choose from {', '.join(noisy.ATTACKS)}")
+    if args.noisy_flood_kpps < 1:
+        ap.error(f"--noisy-flood-kpps {args.noisy_flood_kpps}: must be at least 1")
     results = [] if args.noisy_only else throughput(args)
     if results:
         print(table(results))
