@@ -254,7 +254,11 @@ class Neighbour:
             "tx_short": s["drops"]["tx_short"], "rx_no_room": s["drops"]["rx_no_room"],
             "xdp_over_share": p["drop_over_share"], "xdp_stopped": p["drop_stopped"]}
         self.report["throttled"] = sum(w.throttled for w, _ in list(bad_dev.workers.values()))
-        self.report["healthy_tx_no_frame"] = hp["tx_no_frame"]
+        # Where the healthy guest's frames were lost, if the neighbour made it
+        # lose any: its share, its socket's rings, the shared UMEM.
+        self.report["healthy_drops"] = {k: hp[k] for k in (
+            "drop_over_share", "rx_ring_full", "rx_fill_ring_empty_descs", "rx_dropped",
+            "tx_no_frame", "tx_ring_full")}
 
     def _note_children(self, children: dict[str, Child]) -> None:
         g = children["attacker"].report if "attacker" in children else {}
