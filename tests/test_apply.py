@@ -4,6 +4,7 @@ from a TOML file, through the real daemon and its control socket."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -149,6 +150,18 @@ def test_plan_is_empty_for_the_same_devices_and_names_what_differs():
                           default_mac("vm1") + "\"\n", "f", "/r").devices["cni0"], "running")
     with pytest.raises(ConfigError, match="f.toml: device vm1: mac: .* already used by cni0"):
         plan(keep, {"cni0": clash})
+
+
+def test_the_example_and_the_readme_say_the_same_and_parse():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "examples", "gateway.toml")) as f:
+        example = parse(f.read(), "gateway.toml", "/run/gateway")
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    assert parse(block, "README.md", "/run/gateway").devices == example.devices
+    assert [(a.name, a.iface, a.mode) for a in example.devices.values()] == [
+        ("web", "eth1", "server"), ("db", "eth1", "server"), ("build", "eth2", "client")]
 
 
 # -- through the daemon --------------------------------------------------------------------
