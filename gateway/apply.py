@@ -110,6 +110,7 @@ def _check(gw: Gateway, desired: config.Desired, steps: list[config.Step],
 
 def _run(gw: Gateway, steps: list[config.Step], source: str) -> dict:
     done: list[tuple[str, Attachment, str | None]] = []  # (detached|attached, device, pending why)
+    order = [*gw.attached, *gw.pending]
     what = ""
     try:
         for step in steps:  # detaches first: they free MACs and socket paths
@@ -129,6 +130,7 @@ def _run(gw: Gateway, steps: list[config.Step], source: str) -> dict:
         if not isinstance(e, GatewayError):
             log.exception("%s: %s failed", source, what)
         undone, lost = _undo(gw, done)
+        _reorder(gw, order)
         gw._save()
         tail = "the host is as before" if not lost else f"could not put back: {'; '.join(lost)}"
         error = f"{source}: {what} failed: {e}; undone: {', '.join(undone) or 'nothing'}; {tail}"
@@ -170,6 +172,15 @@ def _undo(gw: Gateway, done: list[tuple[str, Attachment, str | None]]
             gw.pending[a.name] = (old, str(e))  # kept on file, retried when its NIC comes
             lost.append(f"{a.name} ({e}; it waits, kept on file)")
     return undone, lost
+
+
+def _reorder(gw: Gateway, order: list[str]) -> None:
+    """Devices back in their places: the state file lists them as before (restore
+    replays it in order, a migration's source before its destination)."""
+    rank = {n: i for i, n in enumerate(order)}
+    for table in (gw.attached, gw.pending):
+        for name in sorted(table, key=lambda n: rank.get(n, len(rank))):
+            table[name] = table.pop(name)
 
 
 def summary(result: dict) -> str:

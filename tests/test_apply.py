@@ -32,12 +32,6 @@ def devices(d: Daemon) -> dict[str, dict]:
             for x in json.loads(d.ok("list", "--json"))["devices"]}
 
 
-def saved(tmp_path) -> list[dict]:
-    """The daemon's state file, by name."""
-    with open(tmp_path / "state" / "attachments.json") as f:
-        return sorted(json.load(f), key=lambda a: a["name"])
-
-
 def write(path, text: str) -> str:
     path.write_text(text)
     return str(path)
@@ -219,6 +213,9 @@ def test_drift_is_repaired_and_only_the_changed_device_is_re_attached(env, tmp_p
         fe.wait_tx_done(5)
         wait_for(lambda: devices(d)["vm1"]["state"] == "running")
 
+        keep = write(tmp_path / "keep.toml", 'unlisted = "keep"\n' + open(path).read())
+        res = applied_json(d, keep, "--dry-run")  # the daemon's other devices left alone
+        assert [(s["action"], s["name"]) for s in res["plan"]] == [("attach", "vm2")]
         res = applied_json(d, path)
         assert [(s["action"], s["name"]) for s in res["plan"]] == [("detach", "stray"),
                                                                    ("attach", "vm2")]
@@ -266,7 +263,7 @@ def test_a_failure_half_way_is_undone_and_the_host_is_as_before(env, tmp_path):
         before = devices(d)
         fdb = sorted(link.fdb_entries(topo.nic))
         prog = link.xdp_state(topo.nic)[0]
-        state = saved(tmp_path)
+        state = (tmp_path / "state" / "attachments.json").read_text()
         path = write(tmp_path / "gw.toml", f"""
 [defaults]
 nic = "{topo.nic}"
@@ -296,7 +293,7 @@ nic = "{other.nic}"
         assert sorted(link.fdb_entries(topo.nic)) == fdb
         assert link.xdp_state(topo.nic)[0] == prog
         assert link.xdp_state(other.nic)[0] is None and link.fdb_entries(other.nic) == []
-        assert saved(tmp_path) == state  # the state file too (its order aside)
+        assert (tmp_path / "state" / "attachments.json").read_text() == state
         # the NIC free again, the same file goes through
         assert apply(d, path).returncode == 0
         assert set(devices(d)) == {"keep", "chg", "new-a", "new-b", "new-c"}
@@ -344,6 +341,9 @@ def test_refusals_name_file_device_and_field_exit_2_and_change_nothing(env, tmp_
     finally:
         taken.close()
     assert devices(d) == before
+    d.proc.send_signal(signal.SIGHUP)  # without --config: said, and nothing else
+    assert wait_for(lambda: any("SIGHUP: no --config file" in x for x in d.log))
+    assert d.proc.poll() is None and devices(d) == before
 
 
 def test_daemon_config_at_start_and_on_sighup(tmp_path):
