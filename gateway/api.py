@@ -122,8 +122,13 @@ class Gateway:
 
     # -- attach / detach ---------------------------------------------------------
 
-    def check(self, a: Attachment) -> link.LinkInfo:
-        """Everything attach needs, checked before anything changes."""
+    def check(self, a: Attachment, *, beside: list[Attachment] | None = None,
+              freed: frozenset[str] = frozenset()) -> link.LinkInfo:
+        """Everything attach needs, checked before anything changes.
+
+        `beside` and `freed` are for a plan checked as a whole (apply.py): the
+        devices `a` will sit beside instead of those attached now, and the
+        sockets of devices the plan detaches before attaching `a`."""
         for f in fields(a):  # requests come as JSON: types are not a given
             want = {"int": int, "bool": bool}.get(f.type, str)
             v = getattr(a, f.name)
@@ -132,7 +137,8 @@ class Gateway:
                                    f"{ {int: 'a number', bool: 'true or false'}.get(want, 'text')}")
         if not NAME_RE.match(a.name):
             raise GatewayError(f"bad name {a.name!r}: use 1-32 letters, digits, '_', '.', '-'")
-        if a.name in self.attached or a.name in self.pending:
+        others = [o for o, _, _ in self.attached.values()] if beside is None else beside
+        if a.name in {o.name for o in others} or (beside is None and a.name in self.pending):
             raise GatewayError(f"a device named {a.name} is already attached")
         if not 0 <= a.vlan <= 4094:
             raise GatewayError(f"--vlan {a.vlan} is outside 1..4094")
@@ -144,7 +150,7 @@ class Gateway:
         if src and a.vlan != src.vlan:
             raise GatewayError(f"--migrate-from {src.name}: {src.name} is on VLAN "
                                f"{src.vlan or 'none'}, not {a.vlan or 'none'}")
-        for other, _, _ in self.attached.values():
+        for other in others:
             if other.mac == a.mac and other.vlan == a.vlan and other is not src:
                 where = f"in VLAN {a.vlan}" if a.vlan else "untagged"  # other VLANs may reuse it
                 raise GatewayError(f"MAC {a.mac} is already used by {other.name} ({where})")
@@ -167,7 +173,7 @@ class Gateway:
             link.check_mtu(info, a.mtu, FRAME_SIZE, tag=VLAN_HLEN if a.vlan else 0)
         except link.LinkError as e:
             raise GatewayError(str(e)) from None
-        if a.mode == "server":
+        if a.mode == "server" and a.socket not in freed:
             try:
                 check_socket_path(a.socket)
             except SocketInUse as e:

@@ -91,8 +91,11 @@ def parse_cpus(text: str) -> list[int]:
 @click.option("--busy-poll-us", type=click.IntRange(0, 1_000_000), metavar="US",
               help="workers poll this long after the last frame before sleeping "
                    "[default: 50]; e.g. 20000 for DPDK-like latency, at a CPU per busy worker")
+@click.option("--config", "config_file", metavar="FILE",
+              type=click.Path(dir_okay=False),
+              help="apply this device file (as `gateway apply`) at start and on SIGHUP")
 def daemon(run_dir: str, state_dir: str, metrics_listen: str | None, cpus: str | None,
-           busy_poll_us: int | None) -> None:
+           busy_poll_us: int | None, config_file: str | None) -> None:
     """Hold every device; the other commands talk to this process."""
     cpu_list = parse_cpus(cpus) if cpus else None
     preflight()
@@ -102,7 +105,7 @@ def daemon(run_dir: str, state_dir: str, metrics_listen: str | None, cpus: str |
         logging.getLogger().setLevel(logging.INFO)  # a daemon says what it does
     try:
         run(run_dir, state_dir, metrics_listen=metrics_listen, cpus=cpu_list,
-            busy_poll_us=busy_poll_us,
+            busy_poll_us=busy_poll_us, config_file=config_file,
             ready=lambda msg: click.echo(msg, err=True))
     except GatewayError as e:
         fail(str(e))
@@ -152,6 +155,44 @@ def attach(run_dir, name, iface, mac, queues, server_path, client_path, mtu, all
     click.echo("\nQEMU (replace <RAM> with the guest's memory size, e.g. 1G):\n  "
                + " ".join(d["qemu_args"]))
     click.echo("\nlibvirt domain XML:\n" + d["libvirt_xml"])
+
+
+@main.command(name="apply")
+@run_dir_option
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--dry-run", is_flag=True, help="print the plan, change nothing")
+@click.option("--json", "as_json", is_flag=True, help="print the plan and its outcome as JSON")
+def apply_(run_dir: str, file: str, dry_run: bool, as_json: bool) -> None:
+    """Bring the daemon to the devices in FILE (TOML): attach, change, detach.
+
+    Every device is checked before anything changes; a refusal is one line naming
+    FILE, the device and the field (exit 2). A failure while carrying the plan
+    out is undone (exit 1, the line says what failed and what was undone)."""
+    from gateway.apply import read, summary
+    from gateway.config import ConfigError
+    from gateway.control import MAX_REQUEST
+
+    if file == "-":
+        source, text = "<stdin>", sys.stdin.read()
+    else:
+        try:
+            source, text = file, read(file)
+        except ConfigError as e:
+            fail(str(e))
+    if len(json.dumps(text)) > MAX_REQUEST - 1024:
+        fail(f"{source}: too big for the control socket ({MAX_REQUEST // 1024} KiB a request)")
+    result = call(run_dir, "apply", text=text, source=source, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        for step in result["plan"]:
+            click.echo(step["text"])
+        if not result["error"]:
+            click.echo(summary(result))
+    if result["error"]:
+        if not as_json:
+            click.echo(f"gateway: {result['error']}", err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -22,6 +22,7 @@ import struct
 from dataclasses import fields
 
 from gateway.api import Attachment, Gateway, GatewayError
+from gateway.apply import apply
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,13 @@ def handle(gw: Gateway, req: dict) -> dict:
         elif cmd == "detach":
             gw.detach(str(args.get("name")))
             result = None
+        elif cmd == "apply":  # a configuration file's text (gateway/apply.py)
+            text, source = args.get("text"), args.get("source", "config")
+            dry_run = args.get("dry_run", False)
+            if not (isinstance(text, str) and isinstance(source, str)
+                    and isinstance(dry_run, bool)):
+                raise GatewayError("apply needs text and source (text), dry_run (true or false)")
+            result = apply(gw, text, source, dry_run=dry_run)
         elif cmd == "list":
             result = gw.list()
         elif cmd == "stats":
