@@ -401,3 +401,63 @@ def test_libcni_add_then_a_guest_pings_the_far_host(env, tmp_path, runner):
     assert devices(d) == []
     assert link.xdp_state(topo.nic)[0] is None and link.fdb_entries(topo.nic) == []
     assert not os.path.exists(vu["path"]) and not (tmp_path / "vhost" / CID[:12]).exists()
+
+
+# -- docs/kubernetes.md --------------------------------------------------------------
+
+def test_kubernetes_page_yaml():
+    """Every YAML block of the page parses, and says what the plugin and the
+    daemon read: the NAD's config passes the plugin's own validation, the VM
+    uses the registered binding on that network, the DaemonSet runs `gateway
+    daemon` with options it has, on the paths the plugin talks to."""
+    import re
+
+    import yaml
+
+    from gateway.cli import main as gateway_cli
+
+    page = (Path(__file__).parent.parent / "docs" / "kubernetes.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", page, re.S)
+    docs = {d["kind"]: d for b in blocks for d in yaml.safe_load_all(b)}
+    assert sorted(docs) == ["DaemonSet", "KubeVirt", "NetworkAttachmentDefinition",
+                            "VirtualMachine"] and len(blocks) == 4
+
+    nad = docs["NetworkAttachmentDefinition"]
+    assert nad["apiVersion"] == "k8s.cni.cncf.io/v1"
+    raw = json.loads(nad["spec"]["config"])
+    conf = cni.parse_config(nad["spec"]["config"].encode(), "ADD")  # raises if invalid
+    assert raw["type"] == "gateway-cni" and conf.name == nad["metadata"]["name"]
+    assert raw["capabilities"] == {"CNIDeviceInfoFile": True, "mac": True}
+
+    kv = docs["KubeVirt"]["spec"]["configuration"]
+    bindings = kv["network"]["binding"]
+    assert bindings["vhostuser"]["downwardAPI"] == "device-info"
+    assert "NetworkBindingPlugins" in kv["developerConfiguration"]["featureGates"]
+
+    vm = docs["VirtualMachine"]["spec"]["template"]["spec"]
+    ifaces = {i["name"]: i for i in vm["domain"]["devices"]["interfaces"]}
+    nets = {n["name"]: n for n in vm["networks"]}
+    assert set(ifaces) == set(nets)
+    (vu,) = [i for i in ifaces.values() if "binding" in i]
+    assert vu["binding"]["name"] in bindings
+    ns = nad["metadata"]["namespace"]
+    assert nets[vu["name"]]["multus"]["networkName"] == f"{ns}/{conf.name}"
+    cni._mac(vu["macAddress"], "macAddress")  # what runtimeConfig.mac will carry
+    assert "hugepages" in vm["domain"]["memory"]  # vhost-user needs shared guest memory
+
+    pod = docs["DaemonSet"]["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    (c,) = pod["containers"]
+    assert c["securityContext"]["privileged"] is True
+    assert c["command"][:2] == ["gateway", "daemon"]
+    opts = dict(a.removeprefix("--").split("=", 1) for a in c["command"][2:])
+    daemon = gateway_cli.commands["daemon"]
+    known = {o.removeprefix("--") for p in daemon.params for o in p.opts}
+    assert set(opts) <= known, set(opts) - known
+    host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
+    mounted = {m["mountPath"]: host[m["name"]] for m in c["volumeMounts"]}
+    # the control socket, the saved attachments and the device sockets: the
+    # node's own paths, where the plugin (on the node) finds them
+    for path in (opts["run-dir"], opts["state-dir"], conf.shared_dir):
+        assert mounted.get(path) == path, path
+    assert opts["run-dir"] == conf.run_dir == "/run/gateway"
