@@ -332,10 +332,27 @@ def _result(conf: NetConf, env: Env, dev: dict) -> dict:
     return res
 
 
-def _container_dir_made(sock: str, conf: NetConf, env: Env) -> str | None:
-    """The per-container directory of our default layout, if `sock` lives in it."""
-    d = os.path.join(conf.shared_dir, env.container_id[:12])
-    return d if os.path.dirname(sock) == d else None
+def _our_dir(sock: str, conf: NetConf) -> str | None:
+    """The per-container directory of our layout (`sharedDir/<id12>/<id12>-<ifname>`)
+    `sock` lives in, if it does: a device-info file may have named any path."""
+    d = os.path.dirname(sock)
+    ok = os.path.dirname(d) == conf.shared_dir and os.path.basename(sock).startswith(
+        os.path.basename(d) + "-")
+    return d if ok else None
+
+
+def _remove_socket(sock: str, conf: NetConf) -> None:
+    """After a detach: the socket and its directory, when they are of our layout.
+    In client mode the socket is QEMU's, left behind once it stopped; in
+    server mode the daemon already removed its own."""
+    cdir = _our_dir(sock, conf)
+    if cdir is None:
+        return
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(sock).st_mode):
+            os.unlink(sock)
+    with contextlib.suppress(OSError):  # not empty (another interface): keep it
+        os.rmdir(cdir)
 
 
 def cmd_add(conf: NetConf, env: Env, client: Client) -> dict:
@@ -356,7 +373,7 @@ def cmd_add(conf: NetConf, env: Env, client: Client) -> dict:
         if not os.path.exists(f"/sys/class/net/{conf.master}"):
             raise CniError(E_CONFIG, f"master {conf.master}: no such network interface")
         made = None
-        cdir = _container_dir_made(sock, conf, env)
+        cdir = _our_dir(sock, conf)
         if cdir is not None and not os.path.isdir(cdir):
             try:
                 os.makedirs(cdir, mode=0o770)
@@ -396,14 +413,8 @@ def cmd_del(conf: NetConf, env: Env, client: Client) -> None:
             dev = None  # detached between our list and detach
         else:
             raise
-    sock = dev["socket"] if dev else socket_path(conf.shared_dir, env.container_id, env.ifname)
-    cdir = _container_dir_made(sock, conf, env)
-    if cdir is not None:  # our layout: the socket and its directory go with the device
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(sock).st_mode):  # QEMU's, left after it stopped
-                os.unlink(sock)
-        with contextlib.suppress(OSError):  # not empty (another interface): keep it
-            os.rmdir(cdir)
+    _remove_socket(dev["socket"] if dev else
+                   socket_path(conf.shared_dir, env.container_id, env.ifname), conf)
 
 
 def cmd_check(conf: NetConf, env: Env, client: Client) -> None:
@@ -429,10 +440,13 @@ def cmd_check(conf: NetConf, env: Env, client: Client) -> None:
 
 
 def cmd_status(conf: NetConf, client: Client) -> None:
+    """Ready for ADD: the daemon answers, and the NIC the config names exists."""
     try:
         _ask(client, conf, "list", timeout=STATUS_TIMEOUT)
     except CniError as e:
         raise CniError(E_NOT_AVAILABLE, e.msg) from None
+    if conf.master and not os.path.exists(f"/sys/class/net/{conf.master}"):
+        raise CniError(E_NOT_AVAILABLE, f"master {conf.master}: no such network interface")
 
 
 def cmd_gc(conf: NetConf, client: Client) -> None:
@@ -454,6 +468,7 @@ def cmd_gc(conf: NetConf, client: Client) -> None:
             except CniError as e:
                 if "no device named" not in e.msg:
                     raise
+            _remove_socket(d["socket"], conf)
 
 
 def version_reply(data: bytes) -> dict:

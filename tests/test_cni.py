@@ -131,6 +131,7 @@ def test_add_check_del(env, tmp_path):
     info_file = tmp_path / "devinfo" / "net1.json"
     conf["runtimeConfig"] = {"CNIDeviceInfoFile": str(info_file)}
     ok("STATUS", conf)
+    fails("STATUS", {**conf, "master": "gwtnosuchnic"}, cni.E_NOT_AVAILABLE)
     sock = str(tmp_path / "vhost" / CID[:12] / f"{CID[:12]}-net1")
     res = ok("ADD", conf)
     name = cni.device_name("vmnet", CID, "net1")
@@ -197,6 +198,28 @@ def test_server_mode_vlan_mtu_and_macs(env, tmp_path):
     assert (tmp_path / "vhost" / CID2[:12]).exists()  # net2 of the same container is left
     ok("DEL", conf, cid=CID2, ifname="net2")
     assert devices(d) == [] and not (tmp_path / "vhost" / CID2[:12]).exists()
+
+
+def test_check_sees_a_broken_device(env, tmp_path):
+    """A guest whose TX descriptor points outside its memory: the daemon marks
+    the device broken, CHECK says so (103) until the guest resets it."""
+    from gateway.testing.frontend import Frontend
+
+    topo, d = env
+    conf = config(d, topo, tmp_path, mode="server")
+    res = ok("ADD", conf)
+    check = {**conf, "prevResult": res}
+    with Frontend(res["interfaces"][0]["socketPath"]) as fe:
+        fe.connect().setup()
+        ok("CHECK", check)
+        tx = fe.rings[1]
+        tx.write_desc(0, 1 << 50, 64)
+        tx.push_avail(0)
+        os.eventfd_write(fe.kicks[1], 1)
+        wait_until(lambda: cni_exec("CHECK", check)[0] != 0, "CHECK to see the lie")
+        assert "broken" in fails("CHECK", check, cni.E_BROKEN)
+    ok("DEL", check)
+    assert devices(d) == []
 
 
 def test_bad_input_is_a_spec_error_and_changes_nothing(env, tmp_path):
@@ -266,6 +289,7 @@ def test_gc_detaches_this_networks_stale_devices(env, tmp_path):
     assert sorted(x["name"] for x in devices(d)) == sorted(
         ["byhand", cni.device_name("vmnet", CID2, "net2"),
          cni.device_name("othernet", CID2, "net3")])
+    assert sorted(os.listdir(tmp_path / "vhost")) == [CID2[:12]]  # CID's directory went
     ok("GC", {**a, "cni.dev/valid-attachments": [{"containerID": CID2, "ifname": "net2"}]})
     ok("GC", {**b, "cni.dev/valid-attachments": []})
     assert sorted(x["name"] for x in devices(d)) == sorted(
