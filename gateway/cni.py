@@ -145,7 +145,7 @@ def parse_config(data: bytes, command: str) -> NetConf:
     """The network configuration, every field checked (SPEC.md "Network Configuration")."""
     try:
         d = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise CniError(E_DECODE, f"the network configuration is not JSON: {e}") from None
     if not isinstance(d, dict):
         raise CniError(E_DECODE, "the network configuration is not a JSON object")
@@ -161,11 +161,12 @@ def parse_config(data: bytes, command: str) -> NetConf:
     extra = sorted(set(d) - WELL_KNOWN - OURS)
     if extra:
         k = extra[0]
-        raise CniError(E_UNSUPPORTED_FIELD, f"unsupported field {k}: {json.dumps(d[k])[:60]} "
-                       "(gateway-cni assigns no addresses and knows no such option)")
+        why = ("gateway-cni assigns no addresses, the guest does" if k == "ipam"
+               else "not a gateway-cni option")
+        raise CniError(E_UNSUPPORTED_FIELD,
+                       f"unsupported field {k}: {json.dumps(d[k])[:60]} ({why})")
     master = _str(d, "master")
-    if command not in ("GC", "STATUS") and (not master or len(master) > 15
-                                            or IFNAME_BAD.search(master)):
+    if command not in ("GC", "STATUS") and not _ifname_ok(master):
         raise CniError(E_CONFIG, f"master must name the NIC to attach to, not {master!r}")
     conf = NetConf(
         version=version, name=name, master=master,
@@ -187,8 +188,9 @@ def parse_config(data: bytes, command: str) -> NetConf:
     if conf.device_info_file and not os.path.isabs(conf.device_info_file):
         raise CniError(E_CONFIG, "runtimeConfig.CNIDeviceInfoFile must be an absolute path")
     prev = d.get("prevResult")
-    if prev is not None and not isinstance(prev, dict):
-        raise CniError(E_CONFIG, "prevResult must be an object")
+    if prev is not None and (not isinstance(prev, dict) or not all(
+            isinstance(prev.get(k, []), list) for k in ("interfaces", "ips", "routes"))):
+        raise CniError(E_CONFIG, "prevResult must be a result object")
     conf.prev_result = prev
     if command == "GC":
         va = d.get("cni.dev/valid-attachments", [])
@@ -199,6 +201,11 @@ def parse_config(data: bytes, command: str) -> NetConf:
                            "{containerID, ifname} objects")
         conf.valid_attachments = va
     return conf
+
+
+def _ifname_ok(name: str) -> bool:
+    """Linux's rules (dev_valid_name): 1-15 bytes, not . or .., no '/', ':' or space."""
+    return 0 < len(name.encode()) <= 15 and name not in (".", "..") and not IFNAME_BAD.search(name)
 
 
 def _mac(text: str, what: str) -> str:
@@ -239,8 +246,7 @@ def parse_env(environ: dict) -> Env:
     if env.container_id and (not NAME_RE.match(env.container_id) or len(env.container_id) > 1024):
         raise CniError(E_ENV, f"CNI_CONTAINERID {env.container_id[:80]!r} is not a valid "
                        "container id (letters, digits, '_', '.', '-')")
-    if env.ifname and (len(env.ifname) > 15 or env.ifname in (".", "..")
-                       or IFNAME_BAD.search(env.ifname)):
+    if env.ifname and not _ifname_ok(env.ifname):
         raise CniError(E_ENV, f"CNI_IFNAME {env.ifname!r} is not a valid interface name")
     for pair in filter(None, environ.get("CNI_ARGS", "").split(";")):
         key, eq, value = pair.partition("=")

@@ -232,6 +232,9 @@ def test_bad_input_is_a_spec_error_and_changes_nothing(env, tmp_path):
     cases = [
         (b"{not json", cni.E_DECODE, {}),
         (b"[1, 2]", cni.E_DECODE, {}),
+        (b"[" * 100000, cni.E_DECODE, {}),
+        ({**conf, "master": ".."}, cni.E_CONFIG, other),
+        ({**conf, "prevResult": {"interfaces": {}}}, cni.E_CONFIG, other),
         ({**conf, "cniVersion": "0.2.0"}, cni.E_VERSION, {}),
         ({k: v for k, v in conf.items() if k != "cniVersion"}, cni.E_CONFIG, {}),
         ({k: v for k, v in conf.items() if k != "master"}, cni.E_CONFIG, {}),
