@@ -299,8 +299,10 @@ def _read_device_info(path: str) -> tuple[str, str] | None:
             info = json.load(f)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
+    except OSError as e:
         raise CniError(E_IO, f"device-info file {path}: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise CniError(E_DECODE, f"device-info file {path} is not JSON: {e}") from None
     vu = info.get("vhost-user") if isinstance(info, dict) else None
     if not isinstance(info, dict) or info.get("type") != "vhost-user" or not isinstance(vu, dict):
         raise CniError(E_CONFIG, f"device-info file {path} does not describe a vhost-user device")

@@ -200,6 +200,34 @@ def test_server_mode_vlan_mtu_and_macs(env, tmp_path):
     assert devices(d) == [] and not (tmp_path / "vhost" / CID2[:12]).exists()
 
 
+def test_a_device_plugins_device_info_names_the_socket(env, tmp_path):
+    """Multus copied a device plugin's device-info to CNIDeviceInfoFile before
+    ADD: its path and mode win over the plugin's own layout, the file stays."""
+    topo, d = env
+    info = tmp_path / "devinfo" / "dp.json"
+    info.parent.mkdir()
+    sock = tmp_path / "dp" / "socket7"
+    sock.parent.mkdir()
+    given = {"type": "vhost-user", "version": "1.1.0",
+             "vhost-user": {"mode": "client", "path": str(sock)}}  # the container dials
+    info.write_text(json.dumps(given))
+    conf = config(d, topo, tmp_path, runtimeConfig={"CNIDeviceInfoFile": str(info)})
+    res = ok("ADD", conf)
+    (dev,) = devices(d)
+    assert (dev["socket"], dev["mode"]) == (str(sock), "server") and sock.is_socket()
+    assert res["interfaces"][0]["socketPath"] == str(sock)
+    assert json.loads(info.read_text()) == given
+    assert not (tmp_path / "vhost").exists()  # no directory of our own layout
+    ok("DEL", conf)
+    assert devices(d) == [] and not sock.exists() and sock.parent.is_dir()
+    info.write_text(json.dumps({"type": "pci", "version": "1.1.0",
+                                "pci": {"pci-address": "0000:01:02.2"}}))
+    fails("ADD", conf, cni.E_CONFIG)
+    info.write_text("{")
+    fails("ADD", conf, cni.E_DECODE)
+    assert devices(d) == []
+
+
 def test_check_sees_a_broken_device(env, tmp_path):
     """A guest whose TX descriptor points outside its memory: the daemon marks
     the device broken, CHECK says so (103) until the guest resets it."""
