@@ -121,6 +121,12 @@ def test_status_and_del_without_a_daemon(tmp_path):
     dead.bind(str(tmp_path / "no-daemon" / "gateway.sock"))
     dead.close()
     fails("DEL", conf, cni.E_TRY_AGAIN)
+    # a daemon that takes the connection and never answers: STATUS gives up, 50
+    os.unlink(tmp_path / "no-daemon" / "gateway.sock")
+    with s.socket(s.AF_UNIX) as mute:
+        mute.bind(str(tmp_path / "no-daemon" / "gateway.sock"))
+        mute.listen(4)
+        assert "did not answer" in fails("STATUS", conf, cni.E_NOT_AVAILABLE)
 
 
 # -- against a daemon ----------------------------------------------------------------
