@@ -372,7 +372,9 @@ class XdpProgram:
         self.prog_id: int | None = None
         self.replaced: int | None = None  # id of our stale program replaced by attach()
         self.stale_macs: list[str] = []  # the MACs it steered (their filters are stale too)
+        t0 = time.monotonic()
         self._prog_fd, self._maps = compile_program(max_devices, max_queues)
+        self.compile_s = time.monotonic() - t0  # the child's whole life, start to exit
         try:
             self.prog_id = prog_info_fd(self._prog_fd)["id"]
             self._mac2slot = self._maps["mac2slot"]
