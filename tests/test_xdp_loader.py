@@ -120,6 +120,9 @@ FAKE = textwrap.dedent("""
     s = socket.socket(fileno=fd)
     if how == "silent":
         os._exit(3)
+    if how == "hang":
+        import time
+        time.sleep(120)
     if how == "garbage":
         s.sendmsg([b"{not json"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                     array.array("i", [0, 1]))])
@@ -149,11 +152,14 @@ FAKE = textwrap.dedent("""
 @pytest.mark.parametrize("how, why", [
     ("silent", "^the XDP compiler process exited with 3 without an answer"),
     ("garbage", "^the XDP compiler process sent no JSON"),
+    ("hang", r"^the XDP compiler process \(pid \d+\) did not answer within 2 s$"),
     ("wrong", r"^map devices: the kernel says 'devices' \(type, key, value, entries\) "
               r"\(2, 4, 8, 2\), expected \(2, 4, 16, 2\)$"),
 ])
 def test_a_compiler_that_dies_or_lies_is_refused(monkeypatch, how, why):
     monkeypatch.setattr(program, "_CHILD", FAKE)
+    if how == "hang":
+        monkeypatch.setattr(program, "COMPILE_TIMEOUT", 2.0)
     monkeypatch.setenv("FAKE_HOW", how)
     monkeypatch.setenv("FAKE_MAPS", json.dumps(expected_maps(2, 1)))
     monkeypatch.setenv("FAKE_ORDER", json.dumps(list(MAPS)))

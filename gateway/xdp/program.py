@@ -295,10 +295,12 @@ def _receive(sock: socket.socket, proc: subprocess.Popen, timeout: float
     return msg, fds
 
 
-def compile_program(max_devices: int, max_queues: int, timeout: float = COMPILE_TIMEOUT
+def compile_program(max_devices: int, max_queues: int, timeout: float | None = None
                     ) -> tuple[int, dict[str, _maps.BpfMap]]:
     """(program fd, maps by name) from a compiler process (see _compile.py), each fd
-    checked against what the kernel says it is. The child is gone on return."""
+    checked against what the kernel says it is. The child is gone on return; one
+    silent past `timeout` (COMPILE_TIMEOUT) is killed."""
+    timeout = COMPILE_TIMEOUT if timeout is None else timeout
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         try:
@@ -313,13 +315,16 @@ def compile_program(max_devices: int, max_queues: int, timeout: float = COMPILE_
             theirs.close()  # EOF on `ours` once the child is gone, answer or not
         try:
             _, fds = _receive(ours, proc, timeout)
-        finally:
-            if proc.poll() is None:
-                try:
-                    proc.wait(timeout=10)  # it exits right after sending
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        except BaseException:
+            if proc.poll() is None:  # silent past the deadline, or no answer we take
+                proc.kill()
+            proc.wait()
+            raise
+        try:
+            proc.wait(timeout=10)  # it exits right after sending
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     finally:
         ours.close()
     return _checked(fds, max_devices, max_queues)
