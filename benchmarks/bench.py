@@ -23,8 +23,9 @@ with 2 queue pairs the forwarder gets both CPUs (this machine has two). Each
 figure is the median of --runs runs, with min and max. Then: zero-loss rate
 (guest->wire, binary search over a paced guest), ping latency at light load,
 the gateway's idle CPU, TCP throughput of a QEMU guest with its checksum/TSO
-offloads on and off (tcp_offload.py), and RSS per device. Nothing here
-asserts a timing.
+offloads on and off (tcp_offload.py), and the footprint: start-up time to the
+first attach, RSS and its breakdown (footprint.py; alone with
+--footprint-only). Nothing here asserts a timing.
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ def zero_loss(args) -> list[dict]:
 def extras(args) -> dict:
     """Zero-loss rate, latency, idle CPU, TCP with and without offloads, and
     RSS: printed and returned for the JSON."""
-    from footprint import idle_cpu, rss_per_device
+    from footprint import footprint, idle_cpu, print_footprint
     from latency import latency
 
     out = {"zero_loss": zero_loss(args)}
@@ -311,12 +312,9 @@ def extras(args) -> dict:
         for name, t in out["tcp_offload"].items():
             print(f"  median {name:<13} guest->far {t['guest_to_far_mbit']:6.1f} Mbit/s  "
                   f"far->guest {t['far_to_guest_mbit']:6.1f} Mbit/s")
-    out["rss"] = rss_per_device(args.devices)
-    m = out["rss"]
-    print(f"RSS: {m['base_mib']:.1f} MiB with no device, {m['total_mib']:.1f} MiB with "
-          f"{m['devices']}; UMEM {m['umem_mib']:.0f} MiB per NIC queue, one-time (XDP "
-          f"compile) {m['one_time_mib']:.1f} MiB, per further device {m['per_device_mib']:.2f}"
-          f" MiB")
+    out["footprint"] = footprint(args.devices)
+    print()
+    print_footprint(out["footprint"])
     return out
 
 
@@ -344,6 +342,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tcp-mbytes", type=int, default=8, help="MiB each way per TCP run")
     ap.add_argument("--no-extras", dest="extras", action="store_false",
                     help="throughput only: no zero-loss search, latency, idle CPU or RSS")
+    ap.add_argument("--footprint-only", action="store_true",
+                    help="only start-up time and RSS (footprint.py), ~1 min")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write a PNG plot here")
     args = ap.parse_args(argv)
@@ -353,6 +353,15 @@ def main(argv=None) -> dict:
     for name in args.directions:
         if name not in DIRECTIONS:
             ap.error(f"unknown direction {name!r}: choose from {', '.join(DIRECTIONS)}")
+    if args.footprint_only:
+        from footprint import footprint, print_footprint
+
+        out = {"footprint": footprint(args.devices)}
+        print_footprint(out["footprint"])
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return out
     results = throughput(args)
     print(table(results))
     out = {"seconds": args.seconds, "runs": args.runs, "results": results}

@@ -58,10 +58,10 @@ def preflight() -> None:
     except ImportError as e:
         fail(f"the AF_XDP extension does not load ({e}): apt-get install libxdp1 libbpf1, "
              "then reinstall gateway")
-    from gateway.xdp.program import XdpError, find_kernel_headers, import_bcc
+    from gateway.xdp.program import XdpError, bcc_available, find_kernel_headers
 
     try:
-        import_bcc()
+        bcc_available()  # not imported here: only the compiler process maps bcc/LLVM
         find_kernel_headers()
     except XdpError as e:
         fail(str(e))
