@@ -9,12 +9,14 @@ One daemon per state directory: it holds a flock on `$STATE_DIR/daemon.lock`
 (with its pid) for its whole life. A second daemon on the same directory is
 refused before it touches anything (no NIC, no socket): it would restore the
 same attachments onto the NICs the first one drives.
+
+Under systemd (Type=notify) it reports readiness, its device count, its
+shutdown and watchdog pings (systemd.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import signal
@@ -26,6 +28,7 @@ from gateway.datapath.xdp_port import set_busy_poll
 from gateway.linkwatch import LinkWatch
 from gateway.metrics import serve_metrics
 from gateway.pidlock import Held, PidLock
+from gateway.systemd import Systemd
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,8 @@ async def _main(gw: Gateway, run_dir: str, ready) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    one_at_a_time = concurrent.futures.ThreadPoolExecutor(1)
+    systemd = Systemd(gw)
+    one_at_a_time = systemd.requests  # a ThreadPoolExecutor(1): see systemd.py
     server = await serve(gw, run_dir, one_at_a_time)
 
     def on_link(*event) -> None:  # in the request thread: never alongside a request
@@ -104,9 +108,11 @@ async def _main(gw: Gateway, run_dir: str, ready) -> None:
         restored = await loop.run_in_executor(one_at_a_time, gw.restore)
         if restored:
             log.info("restored: %s", ", ".join(restored))
+        await systemd.ready()
         ready(f"gateway daemon ready on {socket_path(run_dir)}")
         await stop.wait()
     finally:
+        systemd.stopping()
         watch.stop()
         server.close()
         await server.wait_closed()
