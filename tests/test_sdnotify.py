@@ -94,6 +94,10 @@ WATCHDOG = ["WATCHDOG=1"]
 STOPPING = ["STOPPING=1", "STATUS=stopping: undoing kernel state"]
 
 
+def pings(datagrams: list[list[str]]) -> None:
+    assert all(x == WATCHDOG for x in datagrams), datagrams
+
+
 def test_ready_status_watchdog_stopping_in_order(tmp_path, notify_env):
     """READY=1 comes once the control socket answers and the saved device is
     restored (the status says so), STATUS= follows the device count, WATCHDOG=1
@@ -105,16 +109,15 @@ def test_ready_status_watchdog_stopping_in_order(tmp_path, notify_env):
             assert fake.recv() == ["READY=1", "STATUS=0 devices"]
             assert fake.until(WATCHDOG) == [WATCHDOG]
             d.ok("attach", "vm0", topo.nic)
-            assert fake.until(["STATUS=1 device"])[:-1] in ([], [WATCHDOG], [WATCHDOG] * 2)
+            pings(fake.until(["STATUS=1 device"])[:-1])  # pings only, however long it took
             d.ok("attach", "vm1", topo.nic)
-            assert fake.until(["STATUS=2 devices"])[-1] == ["STATUS=2 devices"]
+            pings(fake.until(["STATUS=2 devices"])[:-1])
             d.ok("detach", "vm1")
-            assert fake.until(["STATUS=1 device"])[-1] == ["STATUS=1 device"]
+            pings(fake.until(["STATUS=1 device"])[:-1])
             assert fake.until(WATCHDOG) and fake.until(WATCHDOG)  # it keeps pinging
         finally:
             assert d.stop() == 0
-        after = fake.until(STOPPING)
-        assert all(x == WATCHDOG for x in after[:-1]), after
+        pings(fake.until(STOPPING)[:-1])
         assert fake.pending() == []  # nothing after STOPPING=1
 
         # restarted: READY=1 only once the saved device is back
@@ -179,7 +182,7 @@ def test_a_request_stuck_on_the_request_thread_stops_the_watchdog(tmp_path, noti
                 assert e.errno == errno.ENXIO and time.monotonic() < deadline, e
                 time.sleep(0.01)
         # a ping sent before the request started is queued already; none may follow
-        assert all(x == WATCHDOG for x in fake.pending())
+        pings(fake.pending())
         with pytest.raises(TimeoutError):
             fake.recv(timeout=QUIET)
         # the process is not frozen: its metrics answer, its control loop takes connections
