@@ -60,9 +60,11 @@ class Systemd:
         return f"{n} device{'' if n == 1 else 's'}" + (f", {pending} pending" if pending else "")
 
     def _update(self) -> None:  # on the request thread, after each job
+        # a send that failed (systemd's queue full past the timeout) is retried
+        # after the next job: at the latest the next watchdog ping
         if self.sent is not None and (text := self.status()) != self.sent:
-            self.sent = text
-            self.notify.status(text)
+            if self.notify.status(text):
+                self.sent = text
 
     def _ready(self) -> None:
         self.sent = self.status()

@@ -4,22 +4,27 @@ the watchdog pings, and `systemd-analyze verify` accepts examples/gateway.servic
 
 from __future__ import annotations
 
+import asyncio
 import configparser
 import errno
 import json
 import os
 import pathlib
+import queue
 import shutil
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import types
 import urllib.request
 
 import pytest
 
 from gateway import sdnotify
+from gateway.systemd import Systemd
 from gateway.testing.daemon import TIMEOUT, Daemon
 from gateway.testing.netns import topology
 
@@ -29,7 +34,11 @@ QUIET = 10 * WATCHDOG_USEC / 1e6  # ten ping intervals without one: the pings ha
 
 
 class FakeSystemd:
-    """The receiving end of NOTIFY_SOCKET: a path, or an abstract name if `abstract`."""
+    """The receiving end of NOTIFY_SOCKET (a path, or an abstract name if `abstract`),
+    read all the time by a thread, as systemd does: the kernel queues only
+    net.unix.max_dgram_qlen datagrams (10 here), and a sender then waits."""
+
+    FENCE = b"FENCE\n"
 
     def __init__(self, where: pathlib.Path, abstract: bool = False) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -40,23 +49,35 @@ class FakeSystemd:
         else:
             self.sock.bind(str(where / "notify"))
             self.address = str(where / "notify")
+        self.got: queue.Queue[bytes] = queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            data = self.sock.recv(4096)
+            if not data:  # shutdown()
+                return
+            self.got.put(data)
 
     def recv(self, timeout: float = TIMEOUT) -> list[str]:
         """The next datagram's KEY=VALUE lines."""
-        self.sock.settimeout(timeout)
-        data = self.sock.recv(4096)
+        try:
+            data = self.got.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no datagram in {timeout} s") from None
         assert data.endswith(b"\n"), data
         return data.decode().splitlines()
 
     def pending(self) -> list[list[str]]:
-        """Every datagram already queued, without waiting."""
+        """Every datagram sent before this call: a fence datagram of our own goes
+        through the same queue, so all before it have been read when it is."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(self.FENCE, self.sock.getsockname())
         out = []
-        self.sock.setblocking(False)
-        try:
-            while True:
-                out.append(self.sock.recv(4096).decode().splitlines())
-        except BlockingIOError:
-            return out
+        while (data := self.got.get(timeout=TIMEOUT)) != self.FENCE:
+            out.append(data.decode().splitlines())
+        return out
 
     def until(self, want: list[str], timeout: float = TIMEOUT) -> list[list[str]]:
         """Datagrams up to and including the first equal to `want`."""
@@ -67,6 +88,8 @@ class FakeSystemd:
         return seen
 
     def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.reader.join(TIMEOUT)
         self.sock.close()
 
 
@@ -266,6 +289,32 @@ def test_notifier_sends_nothing_without_a_socket_and_nothing_after_stopping(tmp_
     finally:
         n.close()
         fake.close()
+
+
+def test_a_status_systemd_did_not_take_is_sent_after_the_next_job(tmp_path):
+    """STATUS= follows the device count after each job on the request thread; one
+    that could not be sent (nobody listening, or a full queue past the timeout) is
+    sent after a later job rather than lost."""
+    gw = types.SimpleNamespace(lock=threading.RLock(), attached={}, pending={})
+    where = tmp_path / "late"
+    where.mkdir()
+    sd = Systemd(gw, {"NOTIFY_SOCKET": str(where / "notify")})
+    try:
+        asyncio.run(sd.ready())  # READY=1 lost: nobody listens yet
+        sd.requests.submit(gw.attached.update, vm0=None).result()  # STATUS=1 device lost
+        fake = FakeSystemd(where)
+        try:
+            sd.requests.submit(lambda: None).result()  # e.g. a watchdog ping
+            assert fake.recv() == ["STATUS=1 device"]
+            sd.requests.submit(lambda: None).result()  # no change: nothing sent
+            assert fake.pending() == []
+            sd.requests.submit(gw.pending.update, vm1=None).result()
+            assert fake.recv() == ["STATUS=2 devices, 1 pending"]
+        finally:
+            fake.close()
+    finally:
+        sd.requests.shutdown()
+        sd.notify.close()
 
 
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
