@@ -88,13 +88,22 @@ class Notifier:
         if self.address is not None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._sock.settimeout(SEND_TIMEOUT)
+            # watchdog pings never wait: one systemd has no room for is dropped
+            # (the next comes in half the timeout) rather than stall the request thread
+            self._nowait = socket.socket(socket.AF_UNIX,
+                                         socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._nowait.setblocking(False)
 
     @property
     def enabled(self) -> bool:
         return self._sock is not None
 
     def send(self, **fields: object) -> bool:
-        """One datagram of KEY=VALUE lines, in the order given; True if it went out."""
+        """One datagram of KEY=VALUE lines, in the order given; True if it went out.
+        It waits up to SEND_TIMEOUT for room in systemd's queue."""
+        return self._send(fields, wait=True)
+
+    def _send(self, fields: dict, wait: bool) -> bool:
         if self._sock is None or not fields:
             return False
         data = "".join(_line(k, v) for k, v in fields.items()).encode()
@@ -103,7 +112,7 @@ class Notifier:
                 return False
             self._stopped = "STOPPING" in fields
             try:
-                self._sock.sendto(data, self.address)
+                (self._sock if wait else self._nowait).sendto(data, self.address)
             except OSError as e:  # gone, refused, full past SEND_TIMEOUT: systemd will see
                 (log.debug if self._failed else log.warning)(
                     "cannot notify systemd on %s: %s", self.address, e)
@@ -121,10 +130,11 @@ class Notifier:
         return self.send(STOPPING=1, STATUS=status)
 
     def watchdog(self) -> bool:
-        return self.send(WATCHDOG=1)
+        return self._send({"WATCHDOG": 1}, wait=False)
 
     def close(self) -> None:
         with self._lock:
             if self._sock is not None:
                 self._sock.close()
+                self._nowait.close()
                 self._sock = None

@@ -291,6 +291,36 @@ def test_notifier_sends_nothing_without_a_socket_and_nothing_after_stopping(tmp_
         fake.close()
 
 
+def test_a_watchdog_ping_never_waits_for_room_in_a_full_queue(tmp_path, monkeypatch):
+    """A status waits for room in systemd's queue (here for an hour); a ping is
+    dropped at once instead: it must not hold up the request thread."""
+    monkeypatch.setattr(sdnotify, "SEND_TIMEOUT", 3600)
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # systemd, not reading
+    stuck.bind(str(tmp_path / "notify"))
+    n = sdnotify.Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+            filler.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                for _ in range(100_000):
+                    filler.sendto(b"x", str(tmp_path / "notify"))
+        result = []
+        t = threading.Thread(target=lambda: result.append(n.watchdog()), daemon=True)
+        t.start()
+        t.join(TIMEOUT)
+        assert result == [False]  # returned, dropped
+        stuck.setblocking(False)
+        while True:
+            try:
+                stuck.recv(16)
+            except BlockingIOError:
+                break
+        assert n.watchdog() and stuck.recv(16) == b"WATCHDOG=1\n"
+    finally:
+        n.close()
+        stuck.close()
+
+
 def test_a_status_systemd_did_not_take_is_sent_after_the_next_job(tmp_path):
     """STATUS= follows the device count after each job on the request thread; one
     that could not be sent (nobody listening, or a full queue past the timeout) is
