@@ -46,12 +46,16 @@ class RequestThread(concurrent.futures.ThreadPoolExecutor):
 
 
 class Systemd:
+    """The daemon's side: `requests` is its request thread; `ready()` once it is
+    ready, `stopping()` when it starts shutting down."""
+
     def __init__(self, gw: Gateway, env=os.environ) -> None:
         self.gw = gw
         self.notify = Notifier(env)
         self.interval = watchdog_interval(env) if self.notify.enabled else None
-        self.sent: str | None = None  # the STATUS= systemd has; None: not ready yet
         self.requests = RequestThread(self._update)
+        self._ready = False  # the daemon is ready: READY=1 is due
+        self._told: str | None = None  # the STATUS= systemd has, sent with READY=1 or after
         self._pinger: asyncio.Task | None = None
 
     def status(self) -> str:
@@ -59,16 +63,21 @@ class Systemd:
             n, pending = len({*self.gw.attached, *self.gw.pending}), len(self.gw.pending)
         return f"{n} device{'' if n == 1 else 's'}" + (f", {pending} pending" if pending else "")
 
-    def _update(self) -> None:  # on the request thread, after each job
-        # a send that failed (systemd's queue full past the timeout) is retried
-        # after the next job: at the latest the next watchdog ping
-        if self.sent is not None and (text := self.status()) != self.sent:
-            if self.notify.status(text):
-                self.sent = text
+    def _update(self) -> None:
+        """On the request thread, after each job. What systemd did not take (its queue
+        full past the send timeout) is sent again after a later job, e.g. a ping."""
+        if not self._ready:
+            return
+        text = self.status()
+        if self._told is None:
+            if self.notify.ready(text):
+                self._told = text
+        elif text != self._told and self.notify.status(text):
+            self._told = text
 
-    def _ready(self) -> None:
-        self.sent = self.status()
-        self.notify.ready(self.sent)
+    def _mark_ready(self) -> None:
+        self._ready = True
+        self._update()
 
     def _ping(self) -> None:
         with self.gw.lock:  # a scrape or request holding it forever is a hang too
@@ -78,7 +87,7 @@ class Systemd:
         """Say READY=1 (on the request thread, so no STATUS= update can overtake it)
         and start the watchdog pings if systemd asked for them."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.requests, self._ready)
+        await loop.run_in_executor(self.requests, self._mark_ready)
         if self.interval is not None:
             self._pinger = asyncio.create_task(self._watchdog(self.interval))
 

@@ -321,25 +321,27 @@ def test_a_watchdog_ping_never_waits_for_room_in_a_full_queue(tmp_path, monkeypa
         stuck.close()
 
 
-def test_a_status_systemd_did_not_take_is_sent_after_the_next_job(tmp_path):
-    """STATUS= follows the device count after each job on the request thread; one
-    that could not be sent (nobody listening, or a full queue past the timeout) is
-    sent after a later job rather than lost."""
+def test_what_systemd_did_not_take_is_sent_after_the_next_job(tmp_path):
+    """READY=1 and STATUS= (the device count after each job on the request thread)
+    that could not be sent (nobody listening, or a full queue past the timeout)
+    are sent after a later job rather than lost."""
     gw = types.SimpleNamespace(lock=threading.RLock(), attached={}, pending={})
     where = tmp_path / "late"
     where.mkdir()
     sd = Systemd(gw, {"NOTIFY_SOCKET": str(where / "notify")})
     try:
         asyncio.run(sd.ready())  # READY=1 lost: nobody listens yet
-        sd.requests.submit(gw.attached.update, vm0=None).result()  # STATUS=1 device lost
+        sd.requests.submit(gw.attached.update, vm0=None).result()  # lost again
         fake = FakeSystemd(where)
         try:
             sd.requests.submit(lambda: None).result()  # e.g. a watchdog ping
-            assert fake.recv() == ["STATUS=1 device"]
+            assert fake.recv() == ["READY=1", "STATUS=1 device"]
+            sd.requests.submit(gw.attached.pop, "vm0").result()
+            assert fake.recv() == ["STATUS=0 devices"]
             sd.requests.submit(lambda: None).result()  # no change: nothing sent
             assert fake.pending() == []
             sd.requests.submit(gw.pending.update, vm1=None).result()
-            assert fake.recv() == ["STATUS=2 devices, 1 pending"]
+            assert fake.recv() == ["STATUS=1 device, 1 pending"]
         finally:
             fake.close()
     finally:
