@@ -24,6 +24,8 @@ APT_PACKAGES=(
     busybox-static ethtool iproute2 python3-venv python3-dev pkg-config gcc make git
     clang libclang-rt-14-dev
     golang-go golang-github-appc-cni-dev
+    systemd
+    prometheus
 )
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }

@@ -11,12 +11,14 @@ One daemon per state directory: it holds a flock on `$STATE_DIR/daemon.lock`
 (with its pid) for its whole life. A second daemon on the same directory is
 refused before it touches anything (no NIC, no socket): it would restore the
 same attachments onto the NICs the first one drives.
+
+Under systemd (Type=notify) it reports readiness, its device count, its
+shutdown and watchdog pings (systemd.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import signal
@@ -28,6 +30,7 @@ from gateway.datapath.worker import pin_workers
 from gateway.datapath.xdp_port import set_busy_poll
 from gateway.linkwatch import LinkWatch
 from gateway.pidlock import Held, PidLock
+from gateway.systemd import Systemd
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +122,12 @@ async def _main(gw: Gateway, run_dir: str, config_file: str | None, ready) -> No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    one_at_a_time = concurrent.futures.ThreadPoolExecutor(1)
-    # SIGHUP: the --config file again, queued behind the restore and any request
-    loop.add_signal_handler(signal.SIGHUP, one_at_a_time.submit, apply_config, gw,
-                            config_file, False)
+    systemd = Systemd(gw)
+    one_at_a_time = systemd.requests  # a ThreadPoolExecutor(1): see systemd.py
+    # SIGHUP: the --config file again, queued behind the restore and any request;
+    # systemd hears RELOADING=1 before and READY=1 after (ExecReload= in the unit)
+    loop.add_signal_handler(signal.SIGHUP, one_at_a_time.submit, systemd.reloading,
+                            apply_config, gw, config_file, False)
     server = await serve(gw, run_dir, one_at_a_time)
 
     def on_link(*event) -> None:  # in the request thread: never alongside a request
@@ -139,9 +144,11 @@ async def _main(gw: Gateway, run_dir: str, config_file: str | None, ready) -> No
             log.info("restored: %s", ", ".join(restored))
         if config_file:  # after the restore: the file has the last word
             await loop.run_in_executor(one_at_a_time, apply_config, gw, config_file, True)
+        await systemd.ready()
         ready(f"gateway daemon ready on {socket_path(run_dir)}")
         await stop.wait()
     finally:
+        systemd.stopping()
         watch.stop()
         server.close()
         await server.wait_closed()
