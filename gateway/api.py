@@ -271,8 +271,8 @@ class Gateway:
             mac_steered_here=port.steering,
             qemu_args=qemu_args(a),
             libvirt_xml=domain_parts(a),
-            # libvirt's QEMU user must reach a socket we listen on (README, libvirt)
-            libvirt_note=access_note(a.socket, qemu_user()) if a.mode == "server" else None,
+            # libvirt's QEMU user must reach our socket, or create its own (README, libvirt)
+            libvirt_note=access_note(a.socket, qemu_user(), a.mode),
         )
         return d
 

@@ -15,7 +15,7 @@ import os
 import pwd
 import re
 import stat
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape
 
 # virtio-net in QEMU: rx_queue_size and tx_queue_size are powers of two from 256
 # (the default) to 1024 (VIRTQUEUE_MAX_SIZE); tx_queue_size > 256 only for vhost-user.
@@ -46,7 +46,8 @@ def interface(*, mac: str, socket: str, mode: str, queues: int = 1,
         if size is not None:
             check_queue_size(opt, size)
     qemu_mode = "server" if mode == "client" else "client"
-    src = f"  <source type='unix' path={quoteattr(socket)} mode='{qemu_mode}'"
+    path = escape(socket, {"'": "&apos;"})
+    src = f"  <source type='unix' path='{path}' mode='{qemu_mode}'"
     src += ("/>" if qemu_mode == "server"
             else ">\n    <reconnect enabled='yes' timeout='1'/>\n  </source>")
     driver = {"queues": queues if queues > 1 else None, "rx_queue_size": rx_queue_size,
@@ -91,9 +92,10 @@ def _can(st: os.stat_result, uid: int, gids: set[int], bits: tuple[int, int, int
     return bool(st.st_mode & bits[2])
 
 
-def access_note(socket: str, user: str | None) -> str | None:
+def access_note(socket: str, user: str | None, mode: str = "server") -> str | None:
     """One line naming the fix when `user` (libvirt's QEMU) could not connect to the
-    gateway's listening `socket`; None when it can, or there is no such user."""
+    socket the gateway listens on (mode "server"), or could not create the one it
+    is to listen on itself (mode "client"); None when it can, or there is no such user."""
     if not user:
         return None
     try:
@@ -103,18 +105,25 @@ def access_note(socket: str, user: str | None) -> str | None:
     if pw.pw_uid == 0:
         return None
     gids = set(os.getgrouplist(pw.pw_name, pw.pw_gid))
-    path = os.path.dirname(socket)
+    who = f"libvirt runs QEMU as {pw.pw_name}, who"
+    parent = path = os.path.dirname(socket)
     while True:  # every directory on the way needs search (x) permission
         try:
             st = os.stat(path)
         except OSError:
             return None
         if not _can(st, pw.pw_uid, gids, (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
-            return (f"libvirt runs QEMU as {pw.pw_name}, who cannot enter {path}: "
-                    f"'chmod o+x {path}', or put the socket elsewhere")
+            return f"{who} cannot enter {path}: 'chmod o+x {path}', or put the socket elsewhere"
         if path == "/":
             break
         path = os.path.dirname(path)
+    if mode == "client":
+        if os.path.exists(socket) or _can(os.stat(parent), pw.pw_uid, gids,
+                                          (stat.S_IWUSR, stat.S_IWGRP, stat.S_IWOTH)):
+            return None
+        return (f"{who} cannot create {socket} in {parent}: keep QEMU's sockets in a "
+                f"directory it owns ('install -d -o {pw.pw_name} DIR'), or attach without "
+                "--client")
     try:
         st = os.stat(socket)
     except OSError:
@@ -126,9 +135,9 @@ def access_note(socket: str, user: str | None) -> str | None:
     except KeyError:
         group = str(st.st_gid)
     if group != "gateway":  # the socket was made before the group existed
-        return (f"libvirt runs QEMU as {pw.pw_name}, who cannot connect to {socket} "
-                f"(group {group}): 'groupadd --system gateway', restart the gateway daemon, "
-                f"then 'usermod -aG gateway {pw.pw_name}'; or attach with --client")
-    return (f"libvirt runs QEMU as {pw.pw_name}, who is not in group gateway and cannot "
-            f"connect to {socket}: 'usermod -aG gateway {pw.pw_name}' "
-            "(domains started after that can); or attach with --client")
+        return (f"{who} cannot connect to {socket} (group {group}): 'groupadd --system "
+                f"gateway', restart the gateway daemon, then 'usermod -aG gateway "
+                f"{pw.pw_name}'; or attach with --client")
+    return (f"{who} is not in group gateway and cannot connect to {socket}: "
+            f"'usermod -aG gateway {pw.pw_name}' (domains started after that can); "
+            "or attach with --client")

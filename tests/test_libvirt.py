@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -60,32 +61,41 @@ ping -c 3 -W 2 {far} >/dev/null && echo "GW-GUEST: eth1 pinged"
 i=0
 while [ -e /sys/class/net/eth1 ] && [ $i -lt 1500 ]; do sleep 0.2; i=$((i+1)); done
 echo "GW-GUEST: eth1 gone"
+sleep 600  # no power-off under libvirt's feet while it finishes the detach
 """
 
-# QEMU 7.2 under TCG segfaults in vhost_net_start unless virtio-net-pci has
-# vectors=0 (shared notes): the test domains set it; what operators get does not.
-NO_MSIX = ("<qemu:device alias='net0'><qemu:frontend>"
-           "<qemu:property name='vectors' type='unsigned' value='0'/>"
-           "</qemu:frontend></qemu:device>")
+# QEMU 7.2 under TCG segfaults in vhost_net_start when the guest drives a vhost-user
+# virtio-net device with MSI-X (shared notes: vectors=0). A <qemu:override> could
+# set vectors=0, but only on devices whose alias the domain XML names in advance,
+# not on a hot-plugged one (the printed <interface> carries no alias); so the test
+# guest's kernel runs with pci=nomsi, which covers both. The XML is the printed one.
+GUEST_CMDLINE_EXTRA = " pci=nomsi"
+
+
+@pytest.fixture
+def gateway_group():
+    """The README's first step: the `gateway` group exists before the daemon starts
+    (its sockets get that group). Removed after if the test made it."""
+    created = subprocess.run(["getent", "group", "gateway"], capture_output=True).returncode
+    if created:
+        subprocess.run(["groupadd", "--system", "gateway"], check=True)
+    yield
+    if created:
+        subprocess.run(["groupdel", "gateway"], capture_output=True)
 
 
 @contextlib.contextmanager
 def qemu_user_in_gateway_group():
-    """What the README tells operators: the group, and libvirt's QEMU user in it."""
-    created = subprocess.run(["getent", "group", "gateway"], capture_output=True).returncode
-    if created:
-        subprocess.run(["groupadd", "--system", "gateway"], check=True)
+    """The README's second step: libvirt's QEMU user joins the group."""
     subprocess.run(["usermod", "-aG", "gateway", QEMU_USER], check=True)
     try:
         yield
     finally:
         subprocess.run(["gpasswd", "-d", QEMU_USER, "gateway"], capture_output=True)
-        if created:
-            subprocess.run(["groupdel", "gateway"], capture_output=True)
 
 
 @pytest.fixture
-def world(tmp_path):
+def world(tmp_path, gateway_group):
     """A far host serving a file, a daemon, a libvirtd; a directory libvirt's QEMU
     user can enter (pytest's tmp_path is root's alone), holding the daemon's run
     directory, the guest's kernel, initrd and console."""
@@ -130,7 +140,7 @@ class W:
             far=self.far, ip1=self.ip1), self.dir / f"{name}.initrd")
         console = self.dir / f"{name}.console"
         xml = libvirt.domain_xml(
-            name, kernel=kernel, initrd=initrd, cmdline=image.cmdline + " pci=nomsi",
+            name, kernel=kernel, initrd=initrd, cmdline=image.cmdline + GUEST_CMDLINE_EXTRA,
             console=console, memory_backing=memory_backing,
             # q35 hot-plugs into a free PCIe root port: one for eth0, two spare (and
             # none taken by a USB controller)
@@ -171,9 +181,7 @@ def test_server_mode_domain_survives_daemon_restarts_and_hotplugs(world):
     second device hot-plugged with `virsh attach-device --live` of `gateway xml`,
     pinged through, detached, and shown waiting."""
     w = world
-    with qemu_user_in_gateway_group():
-        # the sockets are made by the daemon: restart it to give them the new group
-        w.restart_daemon("SIGTERM")
+    with qemu_user_in_gateway_group():  # libvirtd runs already: no restart needed
         out = w.d.ok("attach", "vm0", w.topo.nic, "--mac", MAC0)
         assert "note:" not in out, out
         xml = w.d.ok("xml", "vm0")
@@ -207,3 +215,80 @@ def test_server_mode_domain_survives_daemon_restarts_and_hotplugs(world):
         assert "vm1: waiting" in w.d.ok("list")
         lines = console.lines()
         assert sum("modules loaded" in ln for ln in lines) == 1  # never rebooted
+
+
+def test_client_mode_domain_survives_daemon_restarts(world):
+    """QEMU listens (`--client`; libvirt's mode='server', no <reconnect> needed), the
+    gateway dials it: ping + download, and after SIGTERM and SIGKILL the restarted
+    daemon dials again and the same guest's pings resume."""
+    w = world
+    out = w.d.ok("attach", "vm0", w.topo.nic, "--client", str(w.dir / "vm0.sock"))
+    assert (f"note: libvirt runs QEMU as {QEMU_USER}, who cannot create {w.dir}/vm0.sock "
+            f"in {w.dir}: keep QEMU's sockets in a directory it owns ('install -d -o "
+            f"{QEMU_USER} DIR'), or attach without --client") in out
+    w.d.ok("detach", "vm0")
+    subprocess.run(["install", "-d", "-o", QEMU_USER, str(w.dir / "vms")], check=True)
+    sock = str(w.dir / "vms" / "vm0.sock")
+    out = w.d.ok("attach", "vm0", w.topo.nic, "--mac", MAC0, "--client", sock)
+    assert "note:" not in out, out
+    xml = w.d.ok("xml", "vm0")
+    assert f"path='{sock}' mode='server'/>" in xml and "reconnect" not in xml
+    console = w.boot("gwt-client", xml, w.d.ok("xml", "--memory-backing"))
+    alive = w.running("gwt-client")
+    console.wait_for(r"GW-GUEST: pinged", 180, check=alive)
+    assert console.wait_for(r"GW-GUEST: md5 (\S+)", 120, check=alive)[1] == w.md5
+    console.wait_for(r"GW-GUEST: ping ok", 60, check=alive)
+    pid = qemu_pid(w.lv, "gwt-client")
+    for how in ("SIGTERM", "SIGKILL"):
+        w.restart_daemon(how)
+        console.skip()
+        for _ in range(3):
+            console.wait_for(r"GW-GUEST: ping ok", 120, check=alive)
+        assert qemu_pid(w.lv, "gwt-client") == pid
+    assert sum("modules loaded" in ln for ln in console.lines()) == 1
+
+
+def connect_as(user: str, path: str) -> subprocess.CompletedProcess:
+    """Connect to a unix socket as `user`, as libvirt's QEMU would."""
+    code = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\n"
+            "try:\n    s.connect(sys.argv[1])\nexcept OSError as e:\n"
+            "    sys.exit(e.strerror)\nprint('connected')")
+    # Debian's python3: the venv's may sit where that user cannot go
+    return subprocess.run(["runuser", "-u", user, "--", "/usr/bin/python3", "-c", code, path],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_libvirt_qemu_user_needs_the_gateway_group(world):
+    """Without the group, what attach and `gateway xml` print names the fix, and
+    libvirt's QEMU user really cannot connect; after 'usermod -aG gateway
+    libvirt-qemu' it can and the note is gone. (The boot in the server-mode test
+    runs QEMU as that user, with the group.)"""
+    w = world
+    out = w.d.ok("attach", "vm0", w.topo.nic, "--mac", MAC0)
+    sock = str(w.dir / "run" / "vm0.sock")
+    fix = f"usermod -aG gateway {QEMU_USER}"
+    (note,) = [ln for ln in out.splitlines() if ln.startswith("note:")]
+    assert QEMU_USER in note and sock in note and fix in note and "--client" in note
+    r = connect_as(QEMU_USER, sock)
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", "Permission denied\n"), r
+    r = w.d.cli("xml", "vm0")
+    assert r.returncode == 0 and fix in r.stderr and "<interface" in r.stdout
+    with qemu_user_in_gateway_group():
+        r = connect_as(QEMU_USER, sock)
+        assert r.stdout == "connected\n", r
+        r = w.d.cli("xml", "vm0")
+        assert r.returncode == 0 and r.stderr == ""
+        assert json.loads(w.d.ok("list", "--json"))["devices"][0]["libvirt_note"] is None
+
+
+@pytest.mark.parametrize("size", ["128", "300", "2048", "0"])
+def test_queue_size_outside_256_to_1024_is_one_line(world, size):
+    w = world
+    w.d.ok("attach", "vm0", w.topo.nic)
+    for opt in ("--rx-queue-size", "--tx-queue-size"):
+        r = w.d.cli("xml", "vm0", opt, size)
+        assert r.returncode == 2 and r.stdout == ""
+        assert r.stderr == (f"gateway: {opt} {size}: use 256, 512, 1024 "
+                            "(a power of two from 256 to 1024)\n")
+    out = w.d.ok("xml", "vm0", "--rx-queue-size", "1024", "--tx-queue-size", "256")
+    assert "<driver rx_queue_size='1024' tx_queue_size='256'/>" in out

@@ -204,14 +204,10 @@ class Console:
 
 
 def domain_xml(name: str, *, kernel: Path, initrd: Path, cmdline: str, console: Path,
-               devices: str = "", memory_backing: str = "", memory_mb: int = 256,
-               qemu_override: str = "") -> str:
+               devices: str = "", memory_backing: str = "", memory_mb: int = 256) -> str:
     """A TCG domain booting `kernel`; `devices` and `memory_backing` are pasted in
-    as given (the gateway's printed elements); `qemu_override` is the content of
-    a <qemu:override> (test-only device properties)."""
-    ns = " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'" if qemu_override else ""
-    override = f"<qemu:override>{qemu_override}</qemu:override>" if qemu_override else ""
-    return f"""<domain type='qemu'{ns}>
+    as given (the gateway's printed elements)."""
+    return f"""<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>{memory_mb}</memory>
   <vcpu>1</vcpu>
@@ -233,6 +229,5 @@ def domain_xml(name: str, *, kernel: Path, initrd: Path, cmdline: str, console: 
     <memballoon model='none'/>
     {devices}
   </devices>
-  {override}
 </domain>
 """
