@@ -292,3 +292,30 @@ def test_queue_size_outside_256_to_1024_is_one_line(world, size):
                             "(a power of two from 256 to 1024)\n")
     out = w.d.ok("xml", "vm0", "--rx-queue-size", "1024", "--tx-queue-size", "256")
     assert "<driver rx_queue_size='1024' tx_queue_size='256'/>" in out
+
+
+def test_printed_elements_exactly():
+    """What operators paste: QEMU connecting gets <reconnect> (a daemon restart would
+    otherwise leave the guest without link for good), QEMU listening does not; queue
+    pairs and ring sizes go in <driver>; a quote in the path stays inside the attribute."""
+    from gateway.libvirt_xml import MEMORY_BACKING, interface
+
+    assert interface(mac="52:54:00:00:00:01", socket="/run/gateway/vm0.sock",
+                     mode="server") == (
+        "<interface type='vhostuser'>\n"
+        "  <mac address='52:54:00:00:00:01'/>\n"
+        "  <source type='unix' path='/run/gateway/vm0.sock' mode='client'>\n"
+        "    <reconnect enabled='yes' timeout='1'/>\n"
+        "  </source>\n"
+        "  <model type='virtio'/>\n"
+        "</interface>")
+    assert interface(mac="52:54:00:00:00:01", socket="/vms/it's.sock", mode="client",
+                     queues=2, rx_queue_size=1024, tx_queue_size=512) == (
+        "<interface type='vhostuser'>\n"
+        "  <mac address='52:54:00:00:00:01'/>\n"
+        "  <source type='unix' path='/vms/it&apos;s.sock' mode='server'/>\n"
+        "  <model type='virtio'/>\n"
+        "  <driver queues='2' rx_queue_size='1024' tx_queue_size='512'/>\n"
+        "</interface>")
+    assert MEMORY_BACKING == ("<memoryBacking>\n  <source type='memfd'/>\n"
+                              "  <access mode='shared'/>\n</memoryBacking>")
