@@ -96,7 +96,7 @@ def qemu_user_in_gateway_group():
 
 
 @pytest.fixture
-def world(tmp_path, gateway_group):
+def world(request, tmp_path, gateway_group):
     """A far host serving a file, a daemon, a libvirtd; a directory libvirt's QEMU
     user can enter (pytest's tmp_path is root's alone), holding the daemon's run
     directory, the guest's kernel, initrd and console."""
@@ -107,7 +107,8 @@ def world(tmp_path, gateway_group):
     (d / "www" / "blob").write_bytes(blob)
     server = daemon = None
     try:
-        with topology() as topo, libvirt.Libvirtd(keep_logs=tmp_path) as lv:
+        queues = getattr(request, "param", 1)  # the NIC's queues
+        with topology(queues) as topo, libvirt.Libvirtd(keep_logs=tmp_path) as lv:
             server = topo.popen(sys.executable, "-m", "http.server", "8000", "--bind",
                                 topo.peer_ip, cwd=d / "www", stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -321,3 +322,30 @@ def test_printed_elements_exactly():
         "</interface>")
     assert MEMORY_BACKING == ("<memoryBacking>\n  <source type='memfd'/>\n"
                               "  <access mode='shared'/>\n</memoryBacking>")
+
+
+@pytest.mark.parametrize("world", [2], indirect=True)
+def test_two_queue_pairs_and_ring_sizes_reach_qemu(world):
+    """`<driver queues='2' rx_queue_size='1024' tx_queue_size='512'>` as printed:
+    libvirt turns it into QEMU's multiqueue vhost-user netdev and ring sizes, and
+    QEMU accepts them and connects (started paused: no guest boot needed)."""
+    w = world
+    w.d.ok("attach", "vm0", w.topo.nic, "--queues", "2")
+    xml = w.d.ok("xml", "vm0", "--rx-queue-size", "1024", "--tx-queue-size", "512")
+    assert "<driver queues='2' rx_queue_size='1024' tx_queue_size='512'/>" in xml
+    image = ensure_guest()
+    for f in (image.kernel, image.initrd):  # where libvirt's QEMU user may read them
+        shutil.copy(f, w.dir / f.name)
+    dom = libvirt.domain_xml("gwt-mq", kernel=w.dir / image.kernel.name,
+                             initrd=w.dir / image.initrd.name, cmdline=image.cmdline,
+                             console=w.dir / "gwt-mq.console", devices=xml,
+                             memory_backing=w.d.ok("xml", "--memory-backing"))
+    path = w.dir / "gwt-mq.xml"
+    path.write_text(dom)
+    w.lv.virsh("define", str(path))
+    with qemu_user_in_gateway_group():
+        w.lv.virsh("start", "gwt-mq", "--paused")
+        assert w.lv.virsh("domstate", "gwt-mq").stdout.strip() == "paused"
+    log = w.lv.qemu_log("gwt-mq")
+    assert '"type":"vhost-user","chardev":"charnet0","queues":2' in log, log
+    assert '"mq":true' in log and '"rx_queue_size":1024' in log and '"tx_queue_size":512' in log
