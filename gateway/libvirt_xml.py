@@ -106,17 +106,17 @@ def access_note(socket: str, user: str | None, mode: str = "server") -> str | No
         return None
     gids = set(os.getgrouplist(pw.pw_name, pw.pw_gid))
     who = f"libvirt runs QEMU as {pw.pw_name}, who"
-    parent = path = os.path.dirname(socket)
-    while True:  # every directory on the way needs search (x) permission
+    parent = os.path.dirname(socket)
+    ancestors = [parent]
+    while ancestors[-1] != "/":
+        ancestors.append(os.path.dirname(ancestors[-1]))
+    for path in reversed(ancestors):  # each directory on the way needs search (x) permission
         try:
             st = os.stat(path)
         except OSError:
             return None
         if not _can(st, pw.pw_uid, gids, (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
             return f"{who} cannot enter {path}: 'chmod o+x {path}', or put the socket elsewhere"
-        if path == "/":
-            break
-        path = os.path.dirname(path)
     if mode == "client":
         if os.path.exists(socket) or _can(os.stat(parent), pw.pw_uid, gids,
                                           (stat.S_IWUSR, stat.S_IWGRP, stat.S_IWOTH)):

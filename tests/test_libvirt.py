@@ -349,3 +349,37 @@ def test_two_queue_pairs_and_ring_sizes_reach_qemu(world):
     log = w.lv.qemu_log("gwt-mq")
     assert '"type":"vhost-user","chardev":"charnet0","queues":2' in log, log
     assert '"mq":true' in log and '"rx_queue_size":1024' in log and '"tx_queue_size":512' in log
+
+
+def test_access_notes_name_each_fix(tmp_path):
+    """Each way libvirt's QEMU user can be shut out gets its own fix; a socket it can
+    use, or root as QEMU's user, gets none. (A file stands in for the socket: only
+    its owner, group and mode count.)"""
+    from gateway.libvirt_xml import access_note
+
+    closed = tmp_path / "vm0.sock"  # pytest's base directory is root's alone (0700)
+    closed.touch()
+    top = next(str(p) for p in reversed(tmp_path.parents)  # the outermost one shut
+               if p.stat().st_mode & 0o001 == 0)
+    assert access_note(str(closed), QEMU_USER) == (
+        f"libvirt runs QEMU as {QEMU_USER}, who cannot enter {top}: 'chmod o+x {top}', "
+        "or put the socket elsewhere")
+    assert access_note(str(closed), "root") is None
+    d = Path(tempfile.mkdtemp(prefix="gwt-note-"))
+    try:
+        d.chmod(0o755)
+        sock = d / "vm0.sock"
+        sock.touch()
+        sock.chmod(0o660)
+        os.chown(sock, 0, 0)  # made while there was no `gateway` group
+        assert access_note(str(sock), QEMU_USER) == (
+            f"libvirt runs QEMU as {QEMU_USER}, who cannot connect to {sock} (group root): "
+            "'groupadd --system gateway', restart the gateway daemon, then "
+            f"'usermod -aG gateway {QEMU_USER}'; or attach with --client")
+        os.chown(sock, 0, pwd.getpwnam(QEMU_USER).pw_gid)
+        assert access_note(str(sock), QEMU_USER) is None
+        assert access_note(str(d / "qemu.sock"), QEMU_USER, "client") is not None
+        os.chown(d, pwd.getpwnam(QEMU_USER).pw_uid, 0)
+        assert access_note(str(d / "qemu.sock"), QEMU_USER, "client") is None
+    finally:
+        shutil.rmtree(d)
