@@ -81,9 +81,9 @@ class Libvirtd:
         for sub, where in MOUNTS:
             argv += [str(self.root / sub), where]
         argv.append(str(self.conf))  # libvirtd's own pid file is /run/libvirtd.pid: not ours
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.root / "stderr", "w"),
-                                     start_new_session=True, preexec_fn=die_with_parent)
+        with open(self.root / "stderr", "w") as err:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err,
+                                         start_new_session=True, preexec_fn=die_with_parent)
         deadline = time.monotonic() + TIMEOUT
         while True:  # ready when virsh gets an answer
             if self.proc.poll() is not None:
@@ -182,6 +182,7 @@ class Console:
         while waiting (e.g. to fail early when the domain stopped)."""
         pat = re.compile(pattern)
         deadline = time.monotonic() + timeout
+        checked = time.monotonic()
         while True:
             lines = self.lines()
             while self._cursor < len(lines):
@@ -192,9 +193,12 @@ class Console:
                 m = pat.search(line)
                 if m:
                     return m
-            if check is not None:
+            if check is not None and time.monotonic() - checked > 2:  # a virsh call each
                 check()
+                checked = time.monotonic()
             if time.monotonic() > deadline:
+                if check is not None:
+                    check()  # a stopped domain is the better explanation
                 raise LibvirtError(f"timeout ({timeout:.0f}s) waiting for {pattern!r}\n"
                                    f"--- console ---\n{self.tail()}")
             time.sleep(0.2)
