@@ -26,6 +26,7 @@ APT_PACKAGES=(
     golang-go golang-github-appc-cni-dev
     systemd
     prometheus
+    libvirt-daemon-system libvirt-clients
 )
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }

@@ -21,6 +21,7 @@ import netaddr
 
 from gateway.datapath.port import FRAME_SIZE
 from gateway.datapath.xdp_port import VLAN_HLEN, XdpPort
+from gateway.libvirt_xml import access_note, domain_parts, qemu_user
 from gateway.registry import NAME_RE, Registry
 from gateway.vhost.device import VhostDevice
 from gateway.vhost.transport import SocketInUse, VhostService, check_socket_path
@@ -94,17 +95,6 @@ def qemu_args(a: Attachment) -> list[str]:
         "-netdev", f"vhost-user,id=gw-{a.name},chardev=gw-{a.name},queues={a.queues}",
         "-device", dev,
     ]  # fmt: skip
-
-
-def libvirt_xml(a: Attachment) -> str:
-    mode = "server" if a.mode == "client" else "client"  # libvirt names QEMU's side
-    driver = f"\n  <driver queues='{a.queues}'/>" if a.queues > 1 else ""
-    return (
-        "<memoryBacking>\n  <source type='memfd'/>\n  <access mode='shared'/>\n</memoryBacking>\n"
-        f"<interface type='vhostuser'>\n  <mac address='{a.mac}'/>\n"
-        f"  <source type='unix' path='{a.socket}' mode='{mode}'/>\n"
-        f"  <model type='virtio'/>{driver}\n</interface>"
-    )
 
 
 class Gateway:
@@ -271,7 +261,7 @@ class Gateway:
             a, why = self.pending[name]
             d = asdict(a)
             d.update(state="pending", reason=why, features=[], qemu_args=qemu_args(a),
-                     libvirt_xml=libvirt_xml(a))
+                     libvirt_xml=domain_parts(a), libvirt_note=None)
             return d
         a, port, dev = self.attached[name]
         d = asdict(a)
@@ -286,7 +276,9 @@ class Gateway:
             migration_peer=port.twin.name if port.twin else None,
             mac_steered_here=port.steering,
             qemu_args=qemu_args(a),
-            libvirt_xml=libvirt_xml(a),
+            libvirt_xml=domain_parts(a),
+            # libvirt's QEMU user must reach our socket, or create its own (README, libvirt)
+            libvirt_note=access_note(a.socket, qemu_user(), a.mode),
         )
         return d
 

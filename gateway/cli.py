@@ -154,7 +154,53 @@ def attach(run_dir, name, iface, mac, queues, server_path, client_path, mtu, all
                f"({'we connect to' if d['mode'] == 'client' else 'listening on'} {d['socket']})")
     click.echo("\nQEMU (replace <RAM> with the guest's memory size, e.g. 1G):\n  "
                + " ".join(d["qemu_args"]))
-    click.echo("\nlibvirt domain XML:\n" + d["libvirt_xml"])
+    click.echo("\nlibvirt: in the domain's XML, <memoryBacking> once and this <interface> "
+               f"('gateway xml {d['name']}' prints it alone, for virsh attach-device):\n"
+               + d["libvirt_xml"])
+    if d.get("libvirt_note"):
+        click.echo(f"\nnote: {d['libvirt_note']}")
+
+
+def queue_size(ctx, param, value):
+    from gateway.libvirt_xml import check_queue_size
+
+    if value is not None:
+        try:
+            check_queue_size(f"--{param.name.replace('_', '-')}", value)
+        except ValueError as e:
+            fail(str(e))
+    return value
+
+
+@main.command()
+@run_dir_option
+@click.argument("name", required=False)
+@click.option("--memory-backing", is_flag=True,
+              help="print the domain's <memoryBacking> element instead (shared memory, "
+                   "once per domain)")
+@click.option("--rx-queue-size", type=int, callback=queue_size, metavar="N",
+              help="virtio RX ring size: 256, 512 or 1024 [default: QEMU's, 256]")
+@click.option("--tx-queue-size", type=int, callback=queue_size, metavar="N",
+              help="virtio TX ring size: 256, 512 or 1024 [default: QEMU's, 256]")
+def xml(run_dir, name, memory_backing, rx_queue_size, tx_queue_size) -> None:
+    """libvirt's <interface> element for device NAME, e.g. for
+    'virsh attach-device DOMAIN FILE --live'."""
+    from gateway.libvirt_xml import MEMORY_BACKING, interface
+
+    if memory_backing:
+        click.echo(MEMORY_BACKING)
+        return
+    if not name:
+        fail("give a device NAME (or --memory-backing)")
+    for d in call(run_dir, "list"):
+        if d["name"] == name:
+            click.echo(interface(mac=d["mac"], socket=d["socket"], mode=d["mode"],
+                                 queues=d["queues"], rx_queue_size=rx_queue_size,
+                                 tx_queue_size=tx_queue_size))
+            if d.get("libvirt_note"):
+                click.echo(f"gateway: note: {d['libvirt_note']}", err=True)
+            return
+    fail(f"no device named {name}")
 
 
 @main.command(name="apply")
