@@ -1,0 +1,373 @@
+"""`gateway capture`: a device's frames as its guest sees them, in pcap, read
+back with tcpdump and tshark; the capture rings' C code on its own; a
+capture that cannot keep up, a reader that dies, a device detached under a
+capture, two captures at once."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+from gateway._native import ffi, lib
+
+from gateway.capture import HEADER, Layout, Rings
+from gateway.capture_reader import PCAP_MAGIC_NS, CaptureFailed, _Rings
+from gateway.testing.daemon import TIMEOUT
+from gateway.testing.frontend import Frontend
+
+ETH_TEST = 0x88B5  # IEEE local experimental: nobody else on the wire sends it
+
+FAR_SENDER = """
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+for line in sys.stdin:
+    s.send(bytes.fromhex(line.strip()))
+print("sent", flush=True)
+"""
+
+
+def mac(m: str) -> bytes:
+    return bytes.fromhex(m.replace(":", ""))
+
+
+def frame(dst: str, src: str, i: int, size: int | None = None) -> bytes:
+    body = struct.pack("!I", i) + bytes([i % 251]) * ((size or 60 + i % 1400) - 18)
+    return mac(dst) + mac(src) + struct.pack("!H", ETH_TEST) + body
+
+
+def read_pcap(path) -> list[tuple[int, bytes]]:
+    """(timestamp ns, frame) records of a nanosecond pcap, checked as we go."""
+    data = open(path, "rb").read()
+    magic, major, minor, _, _, snaplen, linktype = struct.unpack_from("<IHHiIII", data)
+    assert (magic, major, minor, linktype) == (PCAP_MAGIC_NS, 2, 4, 1)
+    out, off = [], 24
+    while off < len(data):
+        sec, nsec, caplen, origlen = struct.unpack_from("<IIII", data, off)
+        assert nsec < 10**9 and caplen <= min(origlen, snaplen)
+        out.append((sec * 10**9 + nsec, data[off + 16: off + 16 + caplen]))
+        off += 16 + caplen
+    assert off == len(data)
+    return out
+
+
+def tcpdump(path, expr: str) -> list[str]:
+    r = subprocess.run(["tcpdump", "-nn", "-e", "-r", str(path), expr], capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    return [x for x in r.stdout.splitlines() if not x[:1].isspace()]  # not hex dumps
+
+
+class Cap:
+    """A `gateway capture` process of the test's, started and waited for."""
+
+    def __init__(self, d, name: str, *args: str, stdout=None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "capture", name, "--run-dir", d.run_dir,
+             *args], stdout=stdout, stderr=subprocess.PIPE)
+        self.first = self.proc.stderr.readline().decode()  # says it captures, or why not
+        assert "capturing on" in self.first, self.first + self.proc.stderr.read().decode()
+
+    def end(self, sig: int | None = signal.SIGINT) -> tuple[int, str]:
+        if sig is not None:
+            self.proc.send_signal(sig)
+        _, err = self.proc.communicate(timeout=TIMEOUT)
+        return self.proc.returncode, err.decode()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait(TIMEOUT)
+
+
+def counts(err: str) -> tuple[int, int]:
+    """(captured, dropped) from the summary line."""
+    line = next(x for x in err.splitlines() if "packets captured" in x)
+    words = line.split()
+    return int(words[0]), int(words[3])
+
+
+def wait_for(cond, what: str, timeout: float = TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def device(d, name: str) -> dict:
+    return next(x for x in json.loads(d.ok("list", "--json"))["devices"] if x["name"] == name)
+
+
+def lines(stream, n: int) -> list[str]:
+    """The next n summary lines tcpdump prints (its hex dumps skipped)."""
+    out = []
+    while len(out) < n:
+        x = stream.readline()
+        assert x, "tcpdump ended"
+        if not x[:1].isspace():
+            out.append(x)
+    return out
+
+
+def receive(fe, n: int) -> list[bytes]:
+    """The guest's next n test frames (whatever else the far host sends skipped)."""
+    got: list[bytes] = []
+    while len(got) < n:
+        got += [f for f in fe.receive(1) if f[12:14] == b"\x88\xb5"]
+    return got
+
+
+def far_send(topo, frames: list[bytes]) -> None:
+    r = topo.run(sys.executable, "-c", FAR_SENDER, topo.peer,
+                 input="".join(f.hex() + "\n" for f in frames))
+    assert r.stdout.strip() == "sent", r.stderr
+
+
+@contextlib.contextmanager
+def guest(d, topo, name: str, *attach_args: str):
+    dev = json.loads(d.ok("attach", name, topo.nic, "--json", *attach_args))
+    with Frontend(dev["socket"], queue_size=1024, mem_size=32 << 20) as fe:
+        fe.connect().setup()
+        wait_for(lambda: device(d, name)["state"] == "running", f"{name} running")
+        yield dev, fe
+
+
+# -- the rings alone ---------------------------------------------------------------
+
+def test_ring_wraps_keeps_order_and_refuses_a_lying_tail():
+    rings = Rings(Layout(1, lib.GW_CAP_MIN_RING), snaplen=1000, dirs=lib.GW_CAP_RX)
+    view = _Rings(rings.fd, {"rings": 1, "ring_size": lib.GW_CAP_MIN_RING,
+                             "stride": HEADER + lib.GW_CAP_MIN_RING, "header": HEADER})
+    cap = rings.caps[0]
+    try:
+        frames = [bytes([i % 256]) * (14 + i * 7 % 1500) for i in range(1200)]
+        got = []
+        for k in range(0, 1200, 40):  # 40 per read: the ring wraps many times
+            for i in range(k, k + 40):
+                lib.gw_cap_put(cap, lib.GW_CAP_RX, frames[i], len(frames[i]), i + 1)
+                lib.gw_cap_put(cap, lib.GW_CAP_TX, b"x" * 60, 60, 0)  # not asked for
+            data, n = view.take(1 << 30)
+            assert n == 40
+            off = 0
+            for _ in range(n):
+                _, nsec, caplen, origlen = struct.unpack_from("<IIII", data, off)
+                got.append((nsec, origlen, data[off + 16: off + 16 + caplen]))
+                off += 16 + caplen
+        assert [g[0] for g in got] == list(range(1, 1201))  # in order, own timestamps
+        assert [g[1] for g in got] == [len(f) for f in frames]
+        assert [g[2] for g in got] == [f[:1000] for f in frames]  # snaplen held
+        assert cap.dropped == 0 and cap.frames == 1200
+        # nobody reading: what does not fit is dropped and counted, never waited for
+        for i in range(1000):
+            lib.gw_cap_put(cap, lib.GW_CAP_RX, frames[i], len(frames[i]), 0)
+        assert 0 < cap.frames - 1200 < 1000 and cap.frames - 1200 + cap.dropped == 1000
+        assert view.dropped() == cap.dropped
+        # a reader that writes a tail we never gave it only stops its own capture
+        data, n = view.take(1 << 30)  # room again
+        snapshot = bytes(ffi.buffer(cap.data, cap.size))
+        for lie in (cap.head + 64, cap.head - cap.size - 64, 2**64 - 1):
+            cap.sh.tail = lie
+            before = cap.dropped
+            lib.gw_cap_put(cap, lib.GW_CAP_RX, b"y" * 100, 100, 0)
+            assert cap.dropped == before + 1
+        assert bytes(ffi.buffer(cap.data, cap.size)) == snapshot
+        # and the reader checks what it reads: a record no producer writes stops it
+        cap.sh.tail = view.views[0].tail
+        lib.gw_cap_put(cap, lib.GW_CAP_RX, b"z" * 100, 100, 0)
+        rec = ffi.cast("struct gw_cap_rec *", cap.data + (view.views[0].tail & (cap.size - 1)))
+        rec.reclen = 40  # not a multiple of 32
+        with pytest.raises(CaptureFailed, match="never writes"):
+            view.take(10)
+    finally:
+        view.close()
+        rings.close()
+
+
+# -- through the daemon --------------------------------------------------------------
+
+def test_frames_both_ways_read_back_by_tcpdump_and_tshark(env, tmp_path):
+    topo, d = env
+    pcap = tmp_path / "vm0.pcap"
+    with guest(d, topo, "vm0") as (dev, fe):
+        cap = Cap(d, "vm0", "-w", str(pcap))
+        assert device(d, "vm0")["capture"]["pid"] == cap.proc.pid
+        out = [frame(topo.peer_mac, dev["mac"], i) for i in range(300)]
+        into = [frame(dev["mac"], topo.peer_mac, 1000 + i) for i in range(200)]
+        fe.post_rx(400)
+        fe.transmit(out[:150])
+        fe.wait_tx_done(150)
+        far_send(topo, into)
+        got = receive(fe, 200)
+        fe.transmit(out[150:])
+        fe.wait_tx_done(150)
+        rc, err = cap.end()
+    assert rc == 0, err
+    assert got == into
+    recs = read_pcap(pcap)
+    captured, dropped = counts(err)
+    assert (captured, dropped) == (len(recs), 0)
+    ours = [f for _, f in recs if f[12:14] == b"\x88\xb5"]
+    # every frame, whole, in the order each direction moved them
+    assert [f for f in ours if f[6:12] == mac(dev["mac"])] == out
+    assert [f for f in ours if f[:6] == mac(dev["mac"])] == into
+    assert len(ours) == 500
+    ts = [t for t, _ in recs]
+    assert ts == sorted(ts) and abs(ts[0] / 1e9 - time.time()) < 600
+    # tcpdump reads it: direction by MAC, lengths
+    sent = tcpdump(pcap, f"ether src {dev['mac']} and ether proto {ETH_TEST:#x}")
+    recv = tcpdump(pcap, f"ether dst {dev['mac']} and ether proto {ETH_TEST:#x}")
+    assert len(sent) == 300 and len(recv) == 200
+    assert [int(x.split("length ")[1].split(":")[0]) for x in sent] == [len(f) for f in out]
+    r = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.len", "-e",
+                        "eth.type"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    rows = [x.split("\t") for x in r.stdout.splitlines()]
+    assert len(rows) == len(recs)
+    assert [int(n) for n, t in rows if t == "0x88b5"] == [len(f) for f in ours]
+    assert device(d, "vm0")["capture"] is None  # unhooked when it ended
+
+
+def test_vlan_device_frames_captured_untagged_live_through_tcpdump(env, tmp_path):
+    topo, d = env
+    with guest(d, topo, "vm100", "--vlan", "100") as (dev, fe):
+        cap = Cap(d, "vm100", "-w", "-", stdout=subprocess.PIPE)
+        live = subprocess.Popen(["tcpdump", "-l", "-nn", "-e", "-r", "-"], stdin=cap.proc.stdout,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        cap.proc.stdout.close()
+        try:
+            out = [frame(topo.peer_mac, dev["mac"], i) for i in range(20)]
+            fe.transmit(out)
+            fe.wait_tx_done(20)
+            # tcpdump prints them while the capture still runs
+            seen = lines(live.stdout, 20)
+            assert cap.proc.poll() is None
+            assert all(f"{dev['mac']} > {topo.peer_mac}, ethertype Unknown (0x88b5)" in x
+                       and "802.1Q" not in x for x in seen), seen
+            into = [frame(dev["mac"], topo.peer_mac, 100 + i) for i in range(10)]
+            fe.post_rx(64)
+            far_send(topo, [f[:12] + struct.pack("!HH", 0x8100, 100) + f[12:] for f in into])
+            assert receive(fe, 10) == into
+            rc, err = cap.end()
+            assert rc == 0, err
+            rest, _ = live.communicate(timeout=TIMEOUT)
+        finally:
+            live.kill()
+            live.wait()
+    assert live.returncode == 0
+    far = [x for x in rest.splitlines() if f"{topo.peer_mac} > {dev['mac']}" in x]
+    assert len(far) == 10 and not any("802.1Q" in x for x in far)
+
+
+def test_capture_that_cannot_keep_up_drops_and_counts_the_datapath_does_not_wait(env, tmp_path):
+    topo, d = env
+    pcap = tmp_path / "full.pcap"
+    n = 20_000
+    with guest(d, topo, "vm0") as (dev, fe):
+        before = topo.peer_stats()["rx_packets"]
+        cap = Cap(d, "vm0", "-w", str(pcap), "--direction", "tx", "-B", "64")
+        cap.proc.send_signal(signal.SIGSTOP)  # the reader reads nothing for a while
+        try:
+            frames = [frame(topo.peer_mac, dev["mac"], i, 1000) for i in range(n)]
+            fe.post_rx(1000)
+            for i in range(0, n, 500):
+                fe.transmit(frames[i:i + 500])
+                fe.wait_tx_done(500)
+            far_send(topo, [frame(dev["mac"], topo.peer_mac, i) for i in range(50)])
+            # every frame still reached the wire
+            wait_for(lambda: topo.peer_stats()["rx_packets"] - before >= n, "frames on the wire")
+        finally:
+            cap.proc.send_signal(signal.SIGCONT)
+        rc, err = cap.end()
+        stats = json.loads(d.ok("stats", "vm0", "--json"))["devices"]["vm0"]
+    assert rc == 0, err
+    assert topo.peer_stats()["rx_packets"] - before == n
+    assert stats["tx_packets"] == n
+    captured, dropped = counts(err)
+    recs = read_pcap(pcap)
+    assert captured == len(recs) and captured + dropped == n  # tx only: the far frames are not
+    assert dropped > 0 and 0 < captured < 64 * 1024 // 1000
+    assert [f for _, f in recs] == frames[:captured]  # the first ones, before it filled
+
+
+def test_reader_killed_then_broken_pipe_then_detach_end_captures(env, tmp_path):
+    topo, d = env
+    with guest(d, topo, "vm0") as (dev, fe):
+        out = [frame(topo.peer_mac, dev["mac"], i) for i in range(100)]
+        # SIGKILL: the daemon sees the connection close and unhooks
+        cap = Cap(d, "vm0", "-w", str(tmp_path / "killed.pcap"))
+        fe.transmit(out[:50])
+        fe.wait_tx_done(50)
+        cap.kill()
+        wait_for(lambda: device(d, "vm0")["capture"] is None, "the capture unhooked")
+        before = topo.peer_stats()["rx_packets"]
+        fe.transmit(out[50:])
+        fe.wait_tx_done(50)
+        wait_for(lambda: topo.peer_stats()["rx_packets"] - before >= 50, "frames still forwarded")
+        # the reader of a pipe goes away (| head): the capture exits quietly
+        cap = Cap(d, "vm0", "-w", "-", stdout=subprocess.PIPE)
+        assert len(cap.proc.stdout.read(24)) == 24  # the pcap header
+        cap.proc.stdout.close()
+        deadline = time.monotonic() + TIMEOUT
+        while cap.proc.poll() is None and time.monotonic() < deadline:
+            fe.transmit(out[:10])  # it notices at its next write
+            fe.wait_tx_done(10)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                cap.proc.wait(0.05)
+        rc, err = cap.end(None)
+        assert (rc, err) == (0, "")
+        wait_for(lambda: device(d, "vm0")["capture"] is None, "the capture unhooked")
+        # a second capture of a device is refused while one runs; detach ends it
+        cap = Cap(d, "vm0", "-w", str(tmp_path / "rx.pcap"), "--direction", "rx")
+        r = d.cli("capture", "vm0", "-w", str(tmp_path / "second.pcap"))
+        assert r.returncode == 2 and "already being captured" in r.stderr
+        fe.transmit(out[:20])  # tx: not asked for
+        fe.wait_tx_done(20)
+        fe.post_rx(64)
+        into = [frame(dev["mac"], topo.peer_mac, i) for i in range(30)]
+        far_send(topo, into)
+        assert receive(fe, 30) == into
+        d.ok("detach", "vm0")
+        rc, err = cap.end(None)
+    assert rc == 1 and "capture ended: vm0 was detached" in err, err
+    recs = [f for _, f in read_pcap(tmp_path / "rx.pcap")]
+    assert [f for f in recs if f[12:14] == b"\x88\xb5"] == into
+    assert counts(err) == (len(recs), 0)
+    assert d.proc.poll() is None
+
+
+def test_two_captures_on_two_devices_and_refusals(env, tmp_path):
+    topo, d = env
+    with guest(d, topo, "vm0") as (dev0, fe0), guest(d, topo, "vm1") as (dev1, fe1):
+        caps = [Cap(d, n, "-w", str(tmp_path / f"{n}.pcap"), "-c", "40", "--direction", "tx")
+                for n in ("vm0", "vm1")]
+        sent = {}
+        for (dev, fe), name in (((dev0, fe0), "vm0"), ((dev1, fe1), "vm1")):
+            sent[name] = [frame(topo.peer_mac, dev["mac"], i) for i in range(60)]
+            fe.transmit(sent[name])
+            fe.wait_tx_done(60)
+        for name, cap in zip(("vm0", "vm1"), caps, strict=True):
+            rc, err = cap.end(None)  # -c 40: each ends by itself
+            assert rc == 0, err
+            assert counts(err)[0] == 40
+            assert [f for _, f in read_pcap(tmp_path / f"{name}.pcap")] == sent[name][:40]
+    for args, msg in ((("nope",), "no device named nope"),
+                      (("vm0", "-c", "0"), "-c 0"),
+                      (("vm0", "-s", "0"), "-s 0"),
+                      (("vm0", "-B", "1"), "-B 1")):
+        r = d.cli("capture", *args, "-w", str(tmp_path / "x.pcap"))
+        assert r.returncode == 2 and r.stderr.startswith("gateway: ") and msg in r.stderr
+        assert len(r.stderr.splitlines()) == 1, r.stderr
+    r = d.cli("capture", "vm0", "--direction", "up", "-w", str(tmp_path / "x.pcap"))
+    assert r.returncode == 2 and "'up' is not one of 'rx', 'tx', 'both'" in r.stderr
+    assert not os.path.exists(tmp_path / "x.pcap")  # a refusal leaves nothing
