@@ -334,6 +334,12 @@ class Gateway:
             raise GatewayError(str(e)) from None
 
     @_locked
+    def end_captures(self, reason: str) -> None:
+        """Every capture ends, its reader told why (the daemon is stopping)."""
+        for name in list(self.captures.by_device):
+            self.captures.end_device(name, reason)
+
+    @_locked
     def capture_stop(self, cap: Capture, reason: str) -> tuple[int, int]:
         """Unhook `cap` (its reader stopped or went away): (frames, dropped)."""
         return self.captures.stop(cap, reason)

@@ -108,6 +108,9 @@ async def _main(gw: Gateway, run_dir: str, ready) -> None:
         await stop.wait()
     finally:
         watch.stop()
+        # captures hold their connections open: end them (each reader is told)
+        # before the server closes, which waits for its connections
+        await loop.run_in_executor(one_at_a_time, gw.end_captures, "the daemon is stopping")
         server.close()
         await server.wait_closed()
         try:

@@ -16,6 +16,7 @@ import time
 
 import pytest
 from gateway._native import ffi, lib
+from test_offload import ACK, PSH, check_segments, ipv4, tcp
 
 from gateway.capture import HEADER, Layout, Rings
 from gateway.capture_reader import PCAP_MAGIC_NS, CaptureFailed, _Rings
@@ -269,6 +270,24 @@ def test_vlan_device_frames_captured_untagged_live_through_tcpdump(env, tmp_path
     assert len(far) == 10 and not any("802.1Q" in x for x in far)
 
 
+def test_gso_frame_captured_as_the_segments_that_leave(env, tmp_path):
+    topo, d = env
+    pcap = tmp_path / "gso.pcap"
+    with guest(d, topo, "vm0") as (dev, fe):
+        cap = Cap(d, "vm0", "-w", str(pcap), "--direction", "tx")
+        payload = os.urandom(20000)
+        gso = (mac(topo.peer_mac) + mac(dev["mac"]) + b"\x08\x00"
+               + ipv4(tcp(payload, flags=ACK | PSH)))
+        # virtio-net header: NEEDS_CSUM, GSO TCPv4, 54 header bytes, MSS 1448, csum at 34+16
+        fe.transmit([gso], vnet_hdr=struct.pack("<BBHHHHH", 1, 1, 54, 1448, 34, 16, 0))
+        fe.wait_tx_done(1)
+        rc, err = cap.end()
+    assert rc == 0, err
+    segs = [f for _, f in read_pcap(pcap)]
+    assert len(segs) == -(-len(payload) // 1448) == counts(err)[0]
+    check_segments(gso, segs, 1448, False)  # each one as it went to the wire
+
+
 def test_capture_that_cannot_keep_up_drops_and_counts_the_datapath_does_not_wait(env, tmp_path):
     topo, d = env
     pcap = tmp_path / "full.pcap"
@@ -370,4 +389,9 @@ def test_two_captures_on_two_devices_and_refusals(env, tmp_path):
         assert len(r.stderr.splitlines()) == 1, r.stderr
     r = d.cli("capture", "vm0", "--direction", "up", "-w", str(tmp_path / "x.pcap"))
     assert r.returncode == 2 and "'up' is not one of 'rx', 'tx', 'both'" in r.stderr
+    # the daemon stopping ends a capture too, and is not held up by it
+    cap = Cap(d, "vm1", "-w", str(tmp_path / "last.pcap"))
+    assert d.stop() == 0
+    rc, err = cap.end(None)
+    assert rc == 1 and "capture ended: the daemon is stopping" in err, err
     assert not os.path.exists(tmp_path / "x.pcap")  # a refusal leaves nothing
