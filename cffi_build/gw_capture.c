@@ -27,12 +27,12 @@ void gw_cap_put(struct gw_cap *c, uint32_t dir, const uint8_t *f, uint32_t len, 
 {
     uint32_t caplen = len < c->snaplen ? len : c->snaplen;
     uint64_t need = rec_bytes(caplen), off = c->head & (c->size - 1), to_end = c->size - off;
-    uint64_t pad = need > to_end ? to_end : 0;
-    uint64_t tail = __atomic_load_n(&c->sh->tail, __ATOMIC_ACQUIRE);
+    uint64_t pad = need > to_end ? to_end : 0, tail;
     struct gw_cap_rec *r;
 
     if (!(c->dirs & dir))
         return;
+    tail = __atomic_load_n(&c->sh->tail, __ATOMIC_ACQUIRE);
     /* The reader's tail is trusted only inside [head - size, head]: anything
        else (a reader writing nonsense) reads as a full ring, so nothing is
        written over data the reader may still be reading, nor outside it. The

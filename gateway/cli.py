@@ -261,6 +261,8 @@ def capture(run_dir: str, name: str, write: str | None, direction: str, count: i
         fail(f"no permission on {socket_path(run_dir)}: run as root or as a member of its group")
     except cr.CaptureFailed as e:
         fail(str(e), e.code)
+    except KeyboardInterrupt:  # Ctrl-C before the capture began: nothing to say
+        sys.exit(130)
     finally:
         for proc in procs:
             with contextlib.suppress(BrokenPipeError):
