@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pathlib
 import signal
 import struct
 import subprocess
@@ -20,6 +21,7 @@ from test_offload import ACK, PSH, check_segments, ipv4, tcp
 
 from gateway.capture import HEADER, Layout, Rings
 from gateway.capture_reader import PCAP_MAGIC_NS, CaptureFailed, _Rings
+from gateway.testing import testpmd as tp
 from gateway.testing.daemon import TIMEOUT
 from gateway.testing.frontend import Frontend
 
@@ -396,3 +398,16 @@ def test_two_captures_on_two_devices_and_refusals(env, tmp_path):
     rc, err = cap.end(None)
     assert rc == 1 and "capture ended: the daemon is stopping" in err, err
     assert not os.path.exists(tmp_path / "x.pcap")  # a refusal leaves nothing
+
+
+@pytest.mark.skipif(not tp.testpmd_available(), reason="dpdk-testpmd not installed")
+@pytest.mark.dpdk
+def test_capture_benchmark_runs_and_the_capture_sees_frames():
+    """benchmarks/capture_bench.py returns both figures; no timing is asserted."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+    import capture_bench
+
+    lines: list[str] = []
+    (r,) = capture_bench.measure([64], runs=1, seconds=0.5, echo=lines.append)
+    assert r["without_mpps"] > 0 and r["with_mpps"] > 0 and len(lines) == 1
+    assert 0 <= r["capture_dropped_share"] <= 1
