@@ -63,7 +63,7 @@ class Layout:
 
 def check_request(direction: object, snaplen: object, buffer_kib: object) -> None:
     """The request's numbers, checked (they come from a socket)."""
-    if direction not in DIRECTIONS:
+    if not isinstance(direction, str) or direction not in DIRECTIONS:
         raise CaptureError(f"bad direction {direction!r}: rx, tx or both")
     for what, v, lo, hi in (("snaplen", snaplen, 1, MAX_SNAPLEN),
                             ("buffer size (KiB)", buffer_kib, 64, MAX_BUFFER_KIB)):

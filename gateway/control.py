@@ -143,8 +143,11 @@ async def capture_session(gw: Gateway, req: dict, pid: int, reader: asyncio.Stre
 
     try:
         cap = await loop.run_in_executor(one_at_a_time, _start_capture, gw, req, pid, on_end)
-    except GatewayError as e:
-        writer.write(json.dumps({"ok": False, "error": str(e)}).encode() + b"\n")
+    except Exception as e:  # as handle(): a refusal, or a bug that must not go unsaid
+        if not isinstance(e, GatewayError):
+            log.exception("request %r failed", req)
+        error = str(e) if isinstance(e, GatewayError) else f"internal error: {e}"
+        writer.write(json.dumps({"ok": False, "error": error}).encode() + b"\n")
         await writer.drain()
         return
     stopped = False

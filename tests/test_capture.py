@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import signal
 import struct
 import subprocess
@@ -19,11 +20,14 @@ import pytest
 from gateway._native import ffi, lib
 from test_offload import ACK, PSH, check_segments, ipv4, tcp
 
+from gateway.api import GatewayError
 from gateway.capture import HEADER, Layout, Rings
 from gateway.capture_reader import PCAP_MAGIC_NS, CaptureFailed, _Rings
+from gateway.control import request
 from gateway.testing import testpmd as tp
-from gateway.testing.daemon import TIMEOUT
+from gateway.testing.daemon import TIMEOUT, Daemon
 from gateway.testing.frontend import Frontend
+from gateway.testing.netns import topology
 
 ETH_TEST = 0x88B5  # IEEE local experimental: nobody else on the wire sends it
 
@@ -197,6 +201,31 @@ def test_ring_wraps_keeps_order_and_refuses_a_lying_tail():
         rings.close()
 
 
+def test_rings_of_two_queue_pairs_merge_by_timestamp():
+    rings = Rings(Layout(2, lib.GW_CAP_MIN_RING), snaplen=100, dirs=lib.GW_CAP_TX)
+    view = _Rings(rings.fd, {"rings": 2, "ring_size": lib.GW_CAP_MIN_RING,
+                             "stride": HEADER + lib.GW_CAP_MIN_RING, "header": HEADER})
+    try:
+        for ts in (1, 3, 4, 9):
+            lib.gw_cap_put(rings.caps[0], lib.GW_CAP_TX, bytes([ts]) * 20, 20, ts)
+        for ts in (2, 5, 6, 7, 8):
+            lib.gw_cap_put(rings.caps[1], lib.GW_CAP_TX, bytes([ts]) * 30, 30, ts)
+        data, n = view.take(7)  # -c: stops where asked, the rest stays
+        got = []
+        while n:
+            off = 0
+            for _ in range(n):
+                _, nsec, caplen, _ = struct.unpack_from("<IIII", data, off)
+                got.append((nsec, data[off + 16: off + 16 + caplen]))
+                off += 16 + caplen
+            data, n = view.take(100)
+        assert [t for t, _ in got] == list(range(1, 10))
+        assert all(f == bytes([t]) * (20 if t in (1, 3, 4, 9) else 30) for t, f in got)
+    finally:
+        view.close()
+        rings.close()
+
+
 # -- through the daemon --------------------------------------------------------------
 
 def test_frames_both_ways_read_back_by_tcpdump_and_tshark(env, tmp_path):
@@ -207,11 +236,17 @@ def test_frames_both_ways_read_back_by_tcpdump_and_tshark(env, tmp_path):
         assert device(d, "vm0")["capture"]["pid"] == cap.proc.pid
         out = [frame(topo.peer_mac, dev["mac"], i) for i in range(300)]
         into = [frame(dev["mac"], topo.peer_mac, 1000 + i) for i in range(200)]
+        # broadcasts reach the guest another way (the flood tap and the inbox)
+        into[50:60] = [frame("ff:ff:ff:ff:ff:ff", topo.peer_mac, 2000 + i) for i in range(10)]
         fe.post_rx(400)
         fe.transmit(out[:150])
         fe.wait_tx_done(150)
-        far_send(topo, into)
-        got = receive(fe, 200)
+        far_send(topo, into[:50])
+        assert receive(fe, 50) == into[:50]
+        far_send(topo, into[50:60])
+        assert receive(fe, 10) == into[50:60]
+        far_send(topo, into[60:])
+        got = into[:60] + receive(fe, 140)
         fe.transmit(out[150:])
         fe.wait_tx_done(150)
         rc, err = cap.end()
@@ -223,14 +258,15 @@ def test_frames_both_ways_read_back_by_tcpdump_and_tshark(env, tmp_path):
     ours = [f for _, f in recs if f[12:14] == b"\x88\xb5"]
     # every frame, whole, in the order each direction moved them
     assert [f for f in ours if f[6:12] == mac(dev["mac"])] == out
-    assert [f for f in ours if f[:6] == mac(dev["mac"])] == into
+    assert [f for f in ours if f[:6] == mac(dev["mac"]) or f[0] == 0xFF] == into
     assert len(ours) == 500
     ts = [t for t, _ in recs]
     assert ts == sorted(ts) and abs(ts[0] / 1e9 - time.time()) < 600
     # tcpdump reads it: direction by MAC, lengths
     sent = tcpdump(pcap, f"ether src {dev['mac']} and ether proto {ETH_TEST:#x}")
     recv = tcpdump(pcap, f"ether dst {dev['mac']} and ether proto {ETH_TEST:#x}")
-    assert len(sent) == 300 and len(recv) == 200
+    bcast = tcpdump(pcap, f"ether broadcast and ether proto {ETH_TEST:#x}")
+    assert len(sent) == 300 and len(recv) == 190 and len(bcast) == 10
     assert [int(x.split("length ")[1].split(":")[0]) for x in sent] == [len(f) for f in out]
     r = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.len", "-e",
                         "eth.type"], capture_output=True, text=True, timeout=TIMEOUT)
@@ -368,6 +404,34 @@ def test_reader_killed_then_broken_pipe_then_detach_end_captures(env, tmp_path):
     assert d.proc.poll() is None
 
 
+def test_two_queue_pairs_captured_into_one_stream(tmp_path):
+    with topology(queues=2) as topo:
+        d = Daemon(str(tmp_path / "run"), str(tmp_path / "state")).start()
+        try:
+            dev = json.loads(d.ok("attach", "vm0", topo.nic, "--queues", "2", "--json"))
+            with Frontend(dev["socket"], queue_pairs=2, queue_size=256, mem_size=32 << 20) as fe:
+                fe.connect().setup()
+                wait_for(lambda: device(d, "vm0")["state"] == "running", "vm0 running")
+                pcap = tmp_path / "mq.pcap"
+                cap = Cap(d, "vm0", "-w", str(pcap), "--direction", "tx")
+                sent = {qp: [frame(topo.peer_mac, dev["mac"], 100 * qp + i) for i in range(50)]
+                        for qp in (0, 1)}
+                for k in range(0, 50, 10):  # interleaved: each pair's in its own order
+                    for qp in (0, 1):
+                        fe.transmit(sent[qp][k:k + 10], qp=qp)
+                        fe.wait_tx_done(10, qp=qp)
+                rc, err = cap.end()
+        finally:
+            d.stop()
+    assert rc == 0, err
+    recs = read_pcap(pcap)
+    assert counts(err) == (100, 0) and len(recs) == 100
+    frames = [f for _, f in recs]
+    for qp in (0, 1):
+        assert [f for f in frames if f in sent[qp]] == sent[qp]
+    assert [t for t, _ in recs] == sorted(t for t, _ in recs)
+
+
 def test_two_captures_on_two_devices_and_refusals(env, tmp_path):
     topo, d = env
     with guest(d, topo, "vm0") as (dev0, fe0), guest(d, topo, "vm1") as (dev1, fe1):
@@ -392,6 +456,15 @@ def test_two_captures_on_two_devices_and_refusals(env, tmp_path):
         assert len(r.stderr.splitlines()) == 1, r.stderr
     r = d.cli("capture", "vm0", "--direction", "up", "-w", str(tmp_path / "x.pcap"))
     assert r.returncode == 2 and "'up' is not one of 'rx', 'tx', 'both'" in r.stderr
+    # the same numbers straight on the control socket are checked by the daemon
+    for args, msg in (({"snaplen": "x"}, "snaplen 'x' is outside 1..65535"),
+                      ({"buffer_kib": True}, "buffer size (KiB) True is outside"),
+                      ({"buffer_kib": 1 << 40}, "is outside 64..262144"),
+                      ({"direction": ["rx"]}, "bad direction"),
+                      ({"ring": 1}, "unknown capture arguments: ring")):
+        with pytest.raises(GatewayError, match=re.escape(msg)):
+            request(d.run_dir, "capture", name="vm0", **args)
+    assert device(d, "vm0")["capture"] is None
     # the daemon stopping ends a capture too, and is not held up by it
     cap = Cap(d, "vm1", "-w", str(tmp_path / "last.pcap"))
     assert d.stop() == 0
