@@ -85,7 +85,7 @@ class Cap:
     def end(self, sig: int | None = signal.SIGINT) -> tuple[int, str]:
         if sig is not None:
             self.proc.send_signal(sig)
-        _, err = self.proc.communicate(timeout=TIMEOUT)
+        self.out, err = self.proc.communicate(timeout=TIMEOUT)
         return self.proc.returncode, err.decode()
 
     def kill(self) -> None:
@@ -447,6 +447,15 @@ def test_two_captures_on_two_devices_and_refusals(env, tmp_path):
             assert rc == 0, err
             assert counts(err)[0] == 40
             assert [f for _, f in read_pcap(tmp_path / f"{name}.pcap")] == sent[name][:40]
+        # without -w, tcpdump prints them
+        cap = Cap(d, "vm1", "-c", "3", "--direction", "tx", stdout=subprocess.PIPE)
+        fe1.transmit(sent["vm1"][:5])
+        fe1.wait_tx_done(5)
+        rc, err = cap.end(None)
+        printed = [x for x in cap.out.decode().splitlines() if not x[:1].isspace()]
+        assert rc == 0 and counts(err) == (3, 0), err
+        assert len(printed) == 3 and all(f"{dev1['mac']} > {topo.peer_mac}" in x
+                                         for x in printed), printed
     for args, msg in ((("nope",), "no device named nope"),
                       (("vm0", "-c", "0"), "-c 0"),
                       (("vm0", "-s", "0"), "-s 0"),
