@@ -14,6 +14,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -22,7 +23,7 @@ from test_offload import ACK, PSH, check_segments, ipv4, tcp
 
 from gateway.api import GatewayError
 from gateway.capture import HEADER, Layout, Rings
-from gateway.capture_reader import PCAP_MAGIC_NS, CaptureFailed, _Rings
+from gateway.capture_reader import PCAP_MAGIC_NS, CaptureFailed, _Conn, _Rings
 from gateway.control import request
 from gateway.testing import testpmd as tp
 from gateway.testing.daemon import TIMEOUT, Daemon
@@ -113,7 +114,7 @@ def wait_for(cond, what: str, timeout: float = TIMEOUT):
 
 
 def device(d, name: str) -> dict:
-    return next(x for x in json.loads(d.ok("list", "--json"))["devices"] if x["name"] == name)
+    return next(x for x in request(d.run_dir, "list") if x["name"] == name)
 
 
 def lines(stream, n: int) -> list[str]:
@@ -401,6 +402,55 @@ def test_reader_killed_then_broken_pipe_then_detach_end_captures(env, tmp_path):
     recs = [f for _, f in read_pcap(tmp_path / "rx.pcap")]
     assert [f for f in recs if f[12:14] == b"\x88\xb5"] == into
     assert counts(err) == (len(recs), 0)
+    assert d.proc.poll() is None
+
+
+def test_captures_started_and_ended_200_times_under_traffic_leave_nothing(env):
+    """Hooking and unhooking race the worker's bursts: the daemon lives, every
+    frame is forwarded, and no memfd, mapping or hook is left."""
+    topo, d = env
+    with guest(d, topo, "vm0") as (dev, fe):
+        pid = d.proc.pid
+
+        def held() -> tuple[int, int]:
+            fds = sum("gateway-capture" in os.readlink(f"/proc/{pid}/fd/{f}")
+                      for f in os.listdir(f"/proc/{pid}/fd"))
+            maps = open(f"/proc/{pid}/maps").read().count("gateway-capture")
+            return fds, maps
+
+        sent, stop = [0], threading.Event()
+
+        def traffic() -> None:
+            while not stop.is_set():
+                fe.transmit([frame(topo.peer_mac, dev["mac"], i) for i in range(64)])
+                fe.wait_tx_done(64)
+                sent[0] += 64
+
+        before = topo.peer_stats()["rx_packets"]
+        t = threading.Thread(target=traffic)
+        t.start()
+        try:
+            for i in range(200):
+                conn = _Conn(os.path.join(d.run_dir, "gateway.sock"))
+                conn.send({"cmd": "capture", "args": {"name": "vm0", "buffer_kib": 64}})
+                reply, fds = conn.line_with_fds(TIMEOUT)
+                assert reply["ok"] and len(fds) == 1, reply
+                os.close(fds[0])
+                if i % 2:  # half end with "stop" and its answer, half by closing
+                    conn.send({"cmd": "stop"})
+                    reply, _ = conn.line_with_fds(TIMEOUT)
+                    assert reply["ok"] and reply["result"]["frames"] >= 0
+                conn.close()
+                # closing is noticed by the daemon's loop, not answered: await it,
+                # or the next request may come first and find vm0 still captured
+                wait_for(lambda: device(d, "vm0")["capture"] is None, "unhooked")
+        finally:
+            stop.set()
+            t.join()
+        wait_for(lambda: device(d, "vm0")["capture"] is None, "the last capture unhooked")
+        wait_for(lambda: topo.peer_stats()["rx_packets"] - before >= sent[0], "every frame")
+        assert topo.peer_stats()["rx_packets"] - before == sent[0] > 0
+        assert held() == (0, 0)
     assert d.proc.poll() is None
 
 
