@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 HEADER = 4096  # each ring's shared header, a page of its own
 DEFAULT_BUFFER_KIB = 4096
 MAX_BUFFER_KIB = 262144  # 256 MiB for all of a capture's rings
+MAX_TOTAL = 512 << 20  # ring bytes for all the daemon's captures together
 MAX_SNAPLEN = 65535
 DIRECTIONS = {"rx": lib.GW_CAP_RX, "tx": lib.GW_CAP_TX, "both": lib.GW_CAP_RX | lib.GW_CAP_TX}
 UNHOOK_WAIT = 1.0  # s: a burst lasts microseconds; past this a worker is stuck
@@ -47,6 +48,10 @@ class Layout:
     @property
     def stride(self) -> int:
         return HEADER + self.size
+
+    @property
+    def data(self) -> int:
+        return self.rings * self.size
 
     @property
     def total(self) -> int:
@@ -123,8 +128,7 @@ class Capture:
         self.ended = False
 
     def describe(self) -> dict:
-        return {"pid": self.pid, "direction": self.direction,
-                "buffer": self.rings.layout.size * self.rings.layout.rings}
+        return {"pid": self.pid, "direction": self.direction, "buffer": self.rings.layout.data}
 
 
 class Captures:
@@ -144,8 +148,15 @@ class Captures:
             if held is not None:
                 raise CaptureError(f"{device} is already being captured (by pid {held.pid}): "
                                    "one capture per device")
-            rings = Rings(Layout.for_buffer(port.queue_pairs, buffer_kib), snaplen,
-                          DIRECTIONS[direction])
+            layout = Layout.for_buffer(port.queue_pairs, buffer_kib)
+            # a capture's buffer fills when its reader is slow: bound them all, so
+            # captures cannot take the daemon's memory (pages come as rings fill)
+            taken = sum(c.rings.layout.data for c in self.by_device.values())
+            if taken + layout.data > MAX_TOTAL:
+                raise CaptureError(f"captures would hold {(taken + layout.data) >> 20} MiB, "
+                                   f"over the daemon's {MAX_TOTAL >> 20} MiB: end one, or "
+                                   "ask for a smaller buffer (-B)")
+            rings = Rings(layout, snaplen, DIRECTIONS[direction])
             cap = Capture(device, port, rings, direction, pid, on_end)
             self.by_device[device] = cap
         port.set_capture(rings.caps)

@@ -22,7 +22,7 @@ from gateway._native import ffi, lib
 from test_offload import ACK, PSH, check_segments, ipv4, tcp
 
 from gateway.api import GatewayError
-from gateway.capture import HEADER, Layout, Rings
+from gateway.capture import HEADER, MAX_BUFFER_KIB, CaptureError, Captures, Layout, Rings
 from gateway.capture_reader import PCAP_MAGIC_NS, CaptureFailed, _Conn, _Rings
 from gateway.control import request
 from gateway.testing import testpmd as tp
@@ -225,6 +225,34 @@ def test_rings_of_two_queue_pairs_merge_by_timestamp():
     finally:
         view.close()
         rings.close()
+
+
+class FakePort:
+    queue_pairs = 2
+
+    def __init__(self) -> None:
+        self.hooked = None
+
+    def set_capture(self, rings, wait: float = 1.0) -> bool:
+        self.hooked = rings
+        return True
+
+
+def test_captures_together_hold_a_bounded_amount_of_memory():
+    caps, ports = Captures(), [FakePort() for _ in range(3)]
+    big = {"direction": "both", "snaplen": 100, "buffer_kib": MAX_BUFFER_KIB, "pid": 1,
+           "on_end": lambda reason: None}
+    a = caps.start("a", ports[0], **big)
+    b = caps.start("b", ports[1], **big)
+    assert len(ports[0].hooked) == 2 and a.rings.layout.size == MAX_BUFFER_KIB * 1024 // 2
+    with pytest.raises(CaptureError, match="over the daemon's 512 MiB"):
+        caps.start("c", ports[2], **big)
+    assert ports[2].hooked is None and set(caps.by_device) == {"a", "b"}
+    assert caps.stop(a, "test") == (0, 0) and ports[0].hooked is None
+    c = caps.start("c", ports[2], **big)  # room again
+    for cap in (b, c):
+        caps.stop(cap, "test")
+    assert caps.by_device == {}
 
 
 # -- through the daemon --------------------------------------------------------------
