@@ -131,7 +131,9 @@ def measure(sizes: list[int], runs: int, seconds: float, echo=print) -> list[dic
                "capture_dropped_share": statistics.median(drop_share)}
         echo(f"guest->wire {size} B: {a / 1e6:.3f} Mpps without a capture, {b / 1e6:.3f} with "
              f"({100 * res['ratio']:.0f} %); the capture dropped "
-             f"{100 * res['capture_dropped_share']:.0f} % of its frames")
+             f"{100 * res['capture_dropped_share']:.0f} % of its frames (runs without "
+             f"{', '.join(f'{x / 1e6:.3f}' for x in without)}; with "
+             f"{', '.join(f'{x / 1e6:.3f}' for x in with_)})")
         results.append(res)
     return results
 
