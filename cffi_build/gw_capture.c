@@ -86,6 +86,12 @@ void gw_cap_frames(struct gw_local *local, uint32_t dir, const uint8_t *base,
     gw_cap_leave(local);
 }
 
+/* A pcapng EPB's bytes for caplen bytes of frame (put_record). */
+static uint32_t epb_bytes(uint32_t caplen)
+{
+    return 28 + ((caplen + 3) & ~3u) + 16;
+}
+
 /* 1 if ring v's next record at `pos` is one a producer writes. */
 static int rec_ok(const struct gw_cap_view *v, uint64_t pos, uint64_t head,
                   const struct gw_cap_rec *r)
@@ -101,8 +107,39 @@ static int rec_ok(const struct gw_cap_view *v, uint64_t pos, uint64_t head,
            && r->caplen <= r->origlen && rec_bytes(r->caplen) == r->reclen;
 }
 
+/* One frame as a pcap record or a pcapng EPB at out; returns its bytes. */
+static uint64_t put_record(uint8_t *out, const struct gw_cap_rec *r, int pcapng)
+{
+    uint32_t sec = (uint32_t)(r->ts_ns / 1000000000u), nsec = (uint32_t)(r->ts_ns % 1000000000u);
+
+    if (!pcapng) {
+        uint32_t h[4] = { sec, nsec, r->caplen, r->origlen };
+        memcpy(out, h, sizeof(h));
+        memcpy(out + 16, r + 1, r->caplen);
+        return 16 + (uint64_t)r->caplen;
+    }
+    {
+        /* EPB: type 6, length, interface 0, timestamp (ns, as the IDB's
+           if_tsresol says) high and low, lengths, the data padded to 4, then
+           epb_flags (code 2: direction in bits 0-1, 1 inbound, 2 outbound),
+           opt_endofopt, and the length again. */
+        uint32_t pad = (4 - r->caplen % 4) % 4, len = epb_bytes(r->caplen);
+        uint32_t h[7] = { 6, len, 0, (uint32_t)(r->ts_ns >> 32), (uint32_t)r->ts_ns,
+                          r->caplen, r->origlen };
+        uint16_t opt[2] = { 2, 4 };     /* host order, as the section header's magic says */
+        uint32_t t[3] = { r->flags == GW_CAP_RX ? 1u : 2u, 0, len };
+
+        memcpy(out, h, sizeof(h));
+        memcpy(out + 28, r + 1, r->caplen);
+        memset(out + 28 + r->caplen, 0, pad);
+        memcpy(out + 28 + r->caplen + pad, opt, 4);
+        memcpy(out + 32 + r->caplen + pad, t, 12);
+        return len;
+    }
+}
+
 long gw_cap_to_pcap(struct gw_cap_view *v, unsigned n, uint8_t *out, uint64_t outcap,
-                    uint64_t max_frames, uint64_t *frames, unsigned *bad)
+                    uint64_t max_frames, uint64_t *frames, unsigned *bad, int pcapng)
 {
     uint64_t heads[GW_PUMP_MAX_RX], used = 0, got = 0;
 
@@ -142,17 +179,9 @@ long gw_cap_to_pcap(struct gw_cap_view *v, unsigned n, uint8_t *out, uint64_t ou
                 bi = i;
             }
         }
-        if (!best || used + 16 + best->caplen > outcap)
+        if (!best || used + (pcapng ? epb_bytes(best->caplen) : 16 + best->caplen) > outcap)
             break;
-        {
-            uint32_t h[4] = {
-                (uint32_t)(best->ts_ns / 1000000000u), (uint32_t)(best->ts_ns % 1000000000u),
-                best->caplen, best->origlen,
-            };
-            memcpy(out + used, h, sizeof(h));
-            memcpy(out + used + 16, best + 1, best->caplen);
-        }
-        used += 16 + best->caplen;
+        used += put_record(out + used, best, pcapng);
         v[bi].tail += best->reclen;
         got++;
     }

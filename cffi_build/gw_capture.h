@@ -86,9 +86,12 @@ void gw_cap_frames(struct gw_local *local, uint32_t dir, const uint8_t *base,
                    const uint64_t *offs, const uint32_t *lens, unsigned n);
 
 /* Reader: records of the n rings into `out` as pcap records (16-byte header,
-   nanosecond timestamps), merged by timestamp, at most max_frames frames and
-   outcap bytes; each ring's tail advances past what was taken. Returns the
-   bytes written (*frames: how many frames), or -1 if a ring's header or a
-   record is not one a producer writes (*bad: which ring). */
+   nanosecond timestamps) or, with pcapng set, pcapng Enhanced Packet Blocks
+   (interface 0, nanosecond resolution, epb_flags saying the direction as the
+   guest sees it: RX inbound, TX outbound), merged by timestamp, at most
+   max_frames frames and outcap bytes; each ring's tail advances past what
+   was taken. Returns the bytes written (*frames: how many frames), or -1 if
+   a ring's header or a record is not one a producer writes (*bad: which
+   ring). */
 long gw_cap_to_pcap(struct gw_cap_view *v, unsigned n, uint8_t *out, uint64_t outcap,
-                    uint64_t max_frames, uint64_t *frames, unsigned *bad);
+                    uint64_t max_frames, uint64_t *frames, unsigned *bad, int pcapng);

@@ -11,7 +11,9 @@ spins would take a CPU from the traffic it watches). It is the only one that wai
 workers drop and count what does not fit.
 
 pcap: the classic format with nanosecond timestamps (magic 0xa1b23c4d),
-LINKTYPE_ETHERNET, which tcpdump, tshark and wireshark read, from a pipe too.
+LINKTYPE_ETHERNET, which tcpdump, tshark and wireshark read, from a pipe too;
+or, with --pcapng, pcapng whose packets carry their direction (epb_flags:
+inbound = to the guest, outbound = from it).
 """
 
 from __future__ import annotations
@@ -49,6 +51,21 @@ class CaptureFailed(Exception):
 
 def pcap_header(snaplen: int) -> bytes:
     return struct.pack("<IHHiIII", PCAP_MAGIC_NS, 2, 4, 0, 0, snaplen, LINKTYPE_ETHERNET)
+
+
+def _option(code: int, value: bytes) -> bytes:
+    return struct.pack("=HH", code, len(value)) + value + bytes(-len(value) % 4)
+
+
+def pcapng_header(snaplen: int, name: str) -> bytes:
+    """Section Header Block, then one Interface Description Block (the
+    device: if_name, if_tsresol 9 = nanoseconds), in host byte order as the
+    C records are."""
+    shb = struct.pack("=IIIHHq", 0x0A0D0D0A, 28, 0x1A2B3C4D, 1, 0, -1) + struct.pack("=I", 28)
+    opts = _option(2, name.encode()) + _option(9, b"\x09") + _option(0, b"")
+    n = 20 + len(opts)
+    idb = struct.pack("=IIHHI", 1, n, LINKTYPE_ETHERNET, 0, snaplen) + opts + struct.pack("=I", n)
+    return shb + idb
 
 
 @dataclass
@@ -127,6 +144,7 @@ class _Rings:
             v.size = size
             v.tail = v.sh.tail
         self.n = rings
+        self.pcapng = 0  # 1: pcapng Enhanced Packet Blocks instead of pcap records
         self._out = ffi.new("uint8_t[]", OUT_CHUNK + 16 + 65536)
         self._frames = ffi.new("uint64_t *")
         self._bad = ffi.new("unsigned *")
@@ -134,7 +152,7 @@ class _Rings:
     def take(self, max_frames: int) -> tuple[bytes, int]:
         """Waiting records as pcap bytes, at most max_frames frames."""
         got = lib.gw_cap_to_pcap(self.views, self.n, self._out, OUT_CHUNK, max_frames,
-                                 self._frames, self._bad)
+                                 self._frames, self._bad, self.pcapng)
         if got < 0:
             raise CaptureFailed(f"capture ring {self._bad[0]} holds a record the daemon "
                                 "never writes: stopping")
@@ -156,7 +174,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def capture(socket_path: str, name: str, open_out: Callable[[], int], *, direction: str,
-            count: int | None, snaplen: int, buffer_kib: int, started=lambda: None) -> Result:
+            count: int | None, snaplen: int, buffer_kib: int, pcapng: bool = False,
+            started=lambda: None) -> Result:
     """Run one capture of device `name` until SIGINT/SIGTERM, `count` frames,
     the daemon's end or a broken pipe. The output (`open_out()`, an fd) is
     opened once the daemon said yes, so a refused capture leaves no file."""
@@ -178,15 +197,17 @@ def capture(socket_path: str, name: str, open_out: Callable[[], int], *, directi
             rings = _Rings(fds[0], reply.get("result") or {})
         finally:
             os.close(fds[0])
+        rings.pcapng = int(pcapng)
+        header = pcapng_header(snaplen, name) if pcapng else pcap_header(snaplen)
         try:
-            return _loop(conn, rings, open_out(), count, snaplen, started)
+            return _loop(conn, rings, open_out(), count, header, started)
         finally:
             rings.close()
     finally:
         conn.close()
 
 
-def _loop(conn: _Conn, rings: _Rings, out_fd: int, count: int | None, snaplen: int,
+def _loop(conn: _Conn, rings: _Rings, out_fd: int, count: int | None, header: bytes,
           started) -> Result:
     stop = []
 
@@ -197,7 +218,7 @@ def _loop(conn: _Conn, rings: _Rings, out_fd: int, count: int | None, snaplen: i
     res = Result(0, 0, None)
     try:
         try:
-            _write_all(out_fd, pcap_header(snaplen))
+            _write_all(out_fd, header)
             started()
             poller = select.poll()
             poller.register(conn.sock, select.POLLIN)

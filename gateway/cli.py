@@ -228,8 +228,10 @@ def stats(run_dir: str, name: str | None, as_json: bool, watch: bool, interval: 
 @click.option("-B", "buffer_kib", type=int, default=4096, show_default=True, metavar="KIB",
               help="capture buffer in the daemon, split over the queue pairs; frames that "
                    "do not fit are dropped from the capture (never from the guest's traffic)")
+@click.option("--pcapng", is_flag=True,
+              help="write pcapng, each frame marked inbound (to the guest) or outbound")
 def capture(run_dir: str, name: str, write: str | None, direction: str, count: int | None,
-            snaplen: int, buffer_kib: int) -> None:
+            snaplen: int, buffer_kib: int, pcapng: bool) -> None:
     """Capture device NAME's frames as its guest sees them, in pcap."""
     from gateway import capture_reader as cr
     from gateway.capture import MAX_BUFFER_KIB, MAX_SNAPLEN
@@ -252,7 +254,7 @@ def capture(run_dir: str, name: str, write: str | None, direction: str, count: i
     try:
         on = f"{name} ({'rx and tx' if direction == 'both' else direction})"
         res = cr.capture(socket_path(run_dir), name, open_out, direction=direction, count=count,
-                         snaplen=snaplen, buffer_kib=buffer_kib,
+                         snaplen=snaplen, buffer_kib=buffer_kib, pcapng=pcapng,
                          started=lambda: click.echo(f"gateway: capturing on {on}, snapshot "
                                                     f"length {snaplen} bytes", err=True))
     except (FileNotFoundError, ConnectionRefusedError):

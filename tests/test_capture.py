@@ -510,7 +510,7 @@ def test_two_queue_pairs_captured_into_one_stream(tmp_path):
     assert [t for t, _ in recs] == sorted(t for t, _ in recs)
 
 
-def test_two_captures_on_two_devices_and_refusals(env, tmp_path):
+def test_two_captures_on_two_devices_printed_pcapng_and_refusals(env, tmp_path):
     topo, d = env
     with guest(d, topo, "vm0") as (dev0, fe0), guest(d, topo, "vm1") as (dev1, fe1):
         caps = [Cap(d, n, "-w", str(tmp_path / f"{n}.pcap"), "-c", "40", "--direction", "tx")
@@ -534,6 +534,27 @@ def test_two_captures_on_two_devices_and_refusals(env, tmp_path):
         assert rc == 0 and counts(err) == (3, 0), err
         assert len(printed) == 3 and all(f"{dev1['mac']} > {topo.peer_mac}" in x
                                          for x in printed), printed
+        # pcapng: each frame says its direction
+        ng = tmp_path / "vm0.pcapng"
+        cap = Cap(d, "vm0", "-w", str(ng), "--pcapng")
+        fe0.transmit(sent["vm0"][:5])
+        fe0.wait_tx_done(5)
+        fe0.post_rx(64)
+        into = [frame(dev0["mac"], topo.peer_mac, 500 + i) for i in range(4)]
+        far_send(topo, into)
+        assert receive(fe0, 4) == into
+        rc, err = cap.end()
+        assert rc == 0, err
+        r = subprocess.run(["tshark", "-r", str(ng), "-Y", f"eth.type == {ETH_TEST:#x}", "-T",
+                            "fields", "-e", "frame.packet_flags_direction", "-e", "eth.src",
+                            "-e", "frame.len"], capture_output=True, text=True, timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        rows = [x.split("\t") for x in r.stdout.splitlines()]
+        out_dir = [(dev0["mac"], str(len(f))) for f in sent["vm0"][:5]]
+        assert [(s, n) for dr, s, n in rows if int(dr, 0) == 2] == out_dir, rows  # outbound
+        assert [(s, n) for dr, s, n in rows if int(dr, 0) == 1] == [  # inbound
+            (topo.peer_mac, str(len(f))) for f in into], rows
+        assert len(tcpdump(ng, f"ether proto {ETH_TEST:#x}")) == 9  # tcpdump reads it too
     for args, msg in ((("nope",), "no device named nope"),
                       (("vm0", "-c", "0"), "-c 0"),
                       (("vm0", "-s", "0"), "-s 0"),
