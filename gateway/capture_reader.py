@@ -245,7 +245,9 @@ def _loop(conn: _Conn, rings: _Rings, out_fd: int, count: int | None, header: by
                     res.ended = msg["end"]
                 _drain(rings, out_fd, count, res)
         except BrokenPipeError:
-            res.broken_pipe = True  # the reader went away: end quietly, like tcpdump | head
+            # the reader went away: end quietly, like tcpdump | head; unless Ctrl-C
+            # took both of us (`... -w - | tcpdump -r -`): then the summary is wanted
+            res.broken_pipe = not stop
         except (TimeoutError, ConnectionError):
             pass  # the daemon did not answer the stop: what was read stands
         res.dropped = rings.dropped()
