@@ -218,6 +218,7 @@ async def serve(gw: Gateway, run_dir: str, one_at_a_time: concurrent.futures.Exe
                                          f"is not root or in group {GROUP}"}).encode() + b"\n")
                 await writer.drain()
                 return
+            answered = False  # a capture's fd rides its reply: only before any other
             while True:
                 try:
                     line = await reader.readline()
@@ -235,12 +236,18 @@ async def serve(gw: Gateway, run_dir: str, one_at_a_time: concurrent.futures.Exe
                 except ValueError as e:
                     reply = {"ok": False, "error": f"bad request: {e}"}
                 else:
-                    if req.get("cmd") == "capture":  # the connection is the capture's now
+                    if req.get("cmd") == "capture" and not answered:
+                        # the connection is the capture's now
                         await capture_session(gw, req, pid, reader, writer, one_at_a_time)
                         return
-                    reply = await asyncio.get_running_loop().run_in_executor(
-                        one_at_a_time, handle, gw, req)
+                    if req.get("cmd") == "capture":  # its fd must not overtake replies
+                        reply = {"ok": False, "error": "capture needs a connection of its "
+                                 "own: send it first"}
+                    else:
+                        reply = await asyncio.get_running_loop().run_in_executor(
+                            one_at_a_time, handle, gw, req)
                 writer.write(json.dumps(reply).encode() + b"\n")
+                answered = True
                 await writer.drain()
         except ConnectionError:
             pass

@@ -572,6 +572,16 @@ def test_two_captures_on_two_devices_printed_pcapng_and_refusals(env, tmp_path):
                       ({"ring": 1}, "unknown capture arguments: ring")):
         with pytest.raises(GatewayError, match=re.escape(msg)):
             request(d.run_dir, "capture", name="vm0", **args)
+    conn = _Conn(os.path.join(d.run_dir, "gateway.sock"))  # after another request: refused,
+    try:  # its fd would otherwise overtake that reply
+        conn.send({"cmd": "list"})
+        assert conn.line_with_fds(TIMEOUT)[0]["ok"]
+        conn.send({"cmd": "capture", "args": {"name": "vm0"}})
+        reply, fds = conn.line_with_fds(TIMEOUT)
+        assert fds == [] and reply == {"ok": False, "error": "capture needs a connection of "
+                                                             "its own: send it first"}
+    finally:
+        conn.close()
     assert device(d, "vm0")["capture"] is None
     # the daemon stopping ends a capture too, and is not held up by it
     cap = Cap(d, "vm1", "-w", str(tmp_path / "last.pcap"))
