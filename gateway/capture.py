@@ -88,7 +88,10 @@ class Rings:
             # mapping (SIGBUS in a worker) nor grow it, nor lift the seals.
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
                         fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-            self._map = mmap.mmap(self.fd, layout.total)
+            # populated now, on the request thread: a worker's first lap must not
+            # take a page fault (shmem allocation) per page in the middle of a burst
+            self._map = mmap.mmap(self.fd, layout.total,
+                                  flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         except BaseException:
             os.close(self.fd)
             raise
@@ -136,7 +139,8 @@ class Captures:
     thread (start, stop, end_device) and so never alongside an attach or
     detach of the same device."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_total: int = MAX_TOTAL) -> None:
+        self.max_total = max_total
         self.by_device: dict[str, Capture] = {}
         self._lock = threading.Lock()
 
@@ -150,11 +154,11 @@ class Captures:
                                    "one capture per device")
             layout = Layout.for_buffer(port.queue_pairs, buffer_kib)
             # a capture's buffer fills when its reader is slow: bound them all, so
-            # captures cannot take the daemon's memory (pages come as rings fill)
+            # captures cannot take the daemon's memory (populated at start)
             taken = sum(c.rings.layout.data for c in self.by_device.values())
-            if taken + layout.data > MAX_TOTAL:
-                raise CaptureError(f"captures would hold {(taken + layout.data) >> 20} MiB, "
-                                   f"over the daemon's {MAX_TOTAL >> 20} MiB: end one, or "
+            if taken + layout.data > self.max_total:
+                raise CaptureError(f"captures would hold {(taken + layout.data) >> 10} KiB, "
+                                   f"over the daemon's {self.max_total >> 10} KiB: end one, or "
                                    "ask for a smaller buffer (-B)")
             rings = Rings(layout, snaplen, DIRECTIONS[direction])
             cap = Capture(device, port, rings, direction, pid, on_end)

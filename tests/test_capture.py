@@ -22,7 +22,15 @@ from gateway._native import ffi, lib
 from test_offload import ACK, PSH, check_segments, ipv4, tcp
 
 from gateway.api import GatewayError
-from gateway.capture import HEADER, MAX_BUFFER_KIB, CaptureError, Captures, Layout, Rings
+from gateway.capture import (
+    HEADER,
+    MAX_BUFFER_KIB,
+    MAX_TOTAL,
+    CaptureError,
+    Captures,
+    Layout,
+    Rings,
+)
 from gateway.capture_reader import PCAP_MAGIC_NS, CaptureFailed, _Conn, _Rings
 from gateway.control import request
 from gateway.testing import testpmd as tp
@@ -239,13 +247,15 @@ class FakePort:
 
 
 def test_captures_together_hold_a_bounded_amount_of_memory():
-    caps, ports = Captures(), [FakePort() for _ in range(3)]
-    big = {"direction": "both", "snaplen": 100, "buffer_kib": MAX_BUFFER_KIB, "pid": 1,
+    assert Captures().max_total == MAX_TOTAL == 512 << 20 >= 2 * MAX_BUFFER_KIB * 1024
+    # the same rule at a smaller scale (rings are populated when they are made)
+    caps, ports = Captures(max_total=1 << 20), [FakePort() for _ in range(3)]
+    big = {"direction": "both", "snaplen": 100, "buffer_kib": 512, "pid": 1,
            "on_end": lambda reason: None}
     a = caps.start("a", ports[0], **big)
     b = caps.start("b", ports[1], **big)
-    assert len(ports[0].hooked) == 2 and a.rings.layout.size == MAX_BUFFER_KIB * 1024 // 2
-    with pytest.raises(CaptureError, match="over the daemon's 512 MiB"):
+    assert len(ports[0].hooked) == 2 and a.rings.layout.size == 256 * 1024
+    with pytest.raises(CaptureError, match="would hold 1536 KiB, over the daemon's 1024 KiB"):
         caps.start("c", ports[2], **big)
     assert ports[2].hooked is None and set(caps.by_device) == {"a", "b"}
     assert caps.stop(a, "test") == (0, 0) and ports[0].hooked is None
