@@ -27,6 +27,7 @@ APT_PACKAGES=(
     systemd
     prometheus
     libvirt-daemon-system libvirt-clients
+    tcpdump tshark
 )
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }

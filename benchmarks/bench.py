@@ -23,7 +23,8 @@ with 2 queue pairs the forwarder gets both CPUs (this machine has two). Each
 figure is the median of --runs runs, with min and max. Then: zero-loss rate
 (guest->wire, binary search over a paced guest), ping latency at light load,
 the gateway's idle CPU, TCP throughput of a QEMU guest with its checksum/TSO
-offloads on and off (tcp_offload.py), and the footprint: start-up time to the
+offloads on and off (tcp_offload.py), guest->wire with a `gateway capture`
+running (capture_bench.py), and the footprint: start-up time to the
 first attach, RSS and its breakdown (footprint.py; alone with
 --footprint-only). Nothing here asserts a timing.
 """
@@ -312,6 +313,13 @@ def extras(args) -> dict:
         for name, t in out["tcp_offload"].items():
             print(f"  median {name:<13} guest->far {t['guest_to_far_mbit']:6.1f} Mbit/s  "
                   f"far->guest {t['far_to_guest_mbit']:6.1f} Mbit/s")
+    if args.capture_runs:
+        from capture_bench import measure as capture_measure
+
+        print("\nguest->wire with a `gateway capture` running (reader on CPU 1), against "
+              "without:")
+        out["capture"] = capture_measure(args.sizes, args.capture_runs, args.capture_seconds,
+                                         echo=lambda line: print("  " + line, flush=True))
     out["footprint"] = footprint(args.devices)
     print()
     print_footprint(out["footprint"])
@@ -340,6 +348,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--tcp-runs", type=int, default=3,
                     help="TCP runs per offload setting with a QEMU guest (0: none)")
     ap.add_argument("--tcp-mbytes", type=int, default=8, help="MiB each way per TCP run")
+    ap.add_argument("--capture-runs", type=int, default=3,
+                    help="runs with and without a capture, per size (0: none)")
+    ap.add_argument("--capture-seconds", type=float, default=5.0)
     ap.add_argument("--no-extras", dest="extras", action="store_false",
                     help="throughput only: no zero-loss search, latency, idle CPU or RSS")
     ap.add_argument("--footprint-only", action="store_true",

@@ -64,6 +64,10 @@ struct gw_local {
        whose segments would be longer too. */
     uint32_t max_frame;
     uint64_t over_mtu;         /* frames dropped for max_frame */
+    /* `gateway capture` (gw_capture.h): the ring this queue pair's frames are
+       copied into, NULL when nobody captures; bursts using it count in capture_busy. */
+    struct gw_cap *capture;
+    uint32_t capture_busy;
 };
 
 /* Return completed TX frames to the pool and top up the fill ring. */

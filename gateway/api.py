@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 
 import netaddr
 
+from gateway.capture import Capture, CaptureError, Captures
 from gateway.datapath.port import FRAME_SIZE
 from gateway.datapath.xdp_port import VLAN_HLEN, XdpPort
 from gateway.libvirt_xml import access_note, domain_parts, qemu_user
@@ -108,6 +109,7 @@ class Gateway:
         # (deleted, or absent at start): re-attached when a NIC of that name appears
         self.pending: dict[str, tuple[Attachment, str]] = {}
         self.nics_down: set[str] = set()
+        self.captures = Captures()  # `gateway capture`: at most one per device
         self.lock = threading.RLock()  # metrics scrapes read while requests change things
 
     # -- attach / detach ---------------------------------------------------------
@@ -231,12 +233,13 @@ class Gateway:
             return
         if name not in self.attached:
             raise GatewayError(f"no device named {name}")
-        self._teardown(name)
+        self._teardown(name, f"{name} was detached")
         if save:
             self._save()
         log.info("%s: detached", name)
 
-    def _teardown(self, name: str) -> None:
+    def _teardown(self, name: str, why: str) -> None:
+        self.captures.end_device(name, why)  # first: its reader gets every frame and why
         a, port, _ = self.attached.pop(name)
         for other, _, _ in self.attached.values():
             if other.migrate_from == name:  # the pair ends with its source
@@ -274,6 +277,7 @@ class Gateway:
             bind_mode=port.mode,
             # a live migration's two devices: which one the MAC's frames go to
             migration_peer=port.twin.name if port.twin else None,
+            capture=self.captures.describe(name),
             mac_steered_here=port.steering,
             qemu_args=qemu_args(a),
             libvirt_xml=domain_parts(a),
@@ -308,6 +312,35 @@ class Gateway:
             out[n]["drops"] = drops
             out[n]["offload"] = s["offload"]
         return {"devices": out}
+
+    # -- capture -------------------------------------------------------------------
+
+    @_locked
+    def capture_start(self, name: str, *, direction: str = "both", snaplen: int = 65535,
+                      buffer_kib: int = 4096, pid: int = 0, on_end=lambda reason: None
+                      ) -> Capture:
+        """Hook capture rings into device `name` (gateway/capture.py); `on_end`
+        hears why if the capture ends from this side (the device goes away)."""
+        if name not in self.attached:
+            raise GatewayError(f"no device named {name}" + (
+                " (it is waiting for its NIC)" if name in self.pending else ""))
+        try:
+            return self.captures.start(name, self.attached[name][1], direction=direction,
+                                       snaplen=snaplen, buffer_kib=buffer_kib, pid=pid,
+                                       on_end=on_end)
+        except CaptureError as e:
+            raise GatewayError(str(e)) from None
+
+    @_locked
+    def end_captures(self, reason: str) -> None:
+        """Every capture ends, its reader told why (the daemon is stopping)."""
+        for name in list(self.captures.by_device):
+            self.captures.end_device(name, reason)
+
+    @_locked
+    def capture_stop(self, cap: Capture, reason: str) -> tuple[int, int]:
+        """Unhook `cap` (its reader stopped or went away): (frames, dropped)."""
+        return self.captures.stop(cap, reason)
 
     # -- persistence and shutdown --------------------------------------------------
 
@@ -359,7 +392,7 @@ class Gateway:
             for n in names:
                 a = self.attached[n][0]
                 try:
-                    self._teardown(n)
+                    self._teardown(n, f"{ifname} was deleted")
                 except Exception:  # the kernel already took most of it with the NIC
                     log.exception("%s: teardown after %s vanished", n, ifname)
                     self.attached.pop(n, None)
@@ -397,6 +430,7 @@ class Gateway:
     def shutdown(self) -> None:
         """Undo all kernel state (the state file stays, for the next start)."""
         for name in list(self.attached):
+            self.captures.end_device(name, "the daemon is stopping")
             try:
                 self.detach(name, save=False)
             except Exception:

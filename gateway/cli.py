@@ -5,6 +5,7 @@ Every refusal is one line on stderr and exit code 2; success is exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -298,6 +299,69 @@ def stats(run_dir: str, name: str | None, as_json: bool, watch: bool, interval: 
         click.echo(f"{dev}: rx {c['rx_packets']} pkts {c['rx_bytes']} B  "
                    f"tx {c['tx_packets']} pkts {c['tx_bytes']} B  drops: {drops}"
                    + (f"  offload: {offload}" if offload else ""))
+
+
+@main.command()
+@run_dir_option
+@click.argument("name")
+@click.option("-w", "write", metavar="FILE|-",
+              help="write pcap to FILE, or to stdout with '-' (e.g. | tcpdump -r -); "
+                   "default: print the frames with tcpdump")
+@click.option("--direction", type=click.Choice(["rx", "tx", "both"]), default="both",
+              show_default=True, help="rx: frames to the guest; tx: frames from the guest")
+@click.option("-c", "count", type=int, metavar="COUNT", help="stop after COUNT frames")
+@click.option("-s", "snaplen", type=int, default=65535, show_default=True, metavar="SNAPLEN",
+              help="bytes kept of each frame")
+@click.option("-B", "buffer_kib", type=int, default=4096, show_default=True, metavar="KIB",
+              help="capture buffer in the daemon, split over the queue pairs; frames that "
+                   "do not fit are dropped from the capture (never from the guest's traffic)")
+@click.option("--pcapng", is_flag=True,
+              help="write pcapng, each frame marked inbound (to the guest) or outbound")
+def capture(run_dir: str, name: str, write: str | None, direction: str, count: int | None,
+            snaplen: int, buffer_kib: int, pcapng: bool) -> None:
+    """Capture device NAME's frames as its guest sees them, in pcap."""
+    from gateway import capture_reader as cr
+    from gateway.capture import MAX_BUFFER_KIB, MAX_SNAPLEN
+    from gateway.control import socket_path
+
+    if count is not None and count < 1:
+        fail(f"-c {count}: give a count of at least 1")
+    if not 1 <= snaplen <= MAX_SNAPLEN:
+        fail(f"-s {snaplen} is outside 1..{MAX_SNAPLEN}")
+    if not 64 <= buffer_kib <= MAX_BUFFER_KIB:
+        fail(f"-B {buffer_kib} is outside 64..{MAX_BUFFER_KIB} (KiB)")
+    procs = []
+
+    def open_out() -> int:  # once the daemon said yes: a refusal leaves no file
+        if write is not None:
+            return cr.open_output(write)
+        procs.append(cr.decoder())
+        return procs[0].stdin.fileno()
+
+    try:
+        on = f"{name} ({'rx and tx' if direction == 'both' else direction})"
+        res = cr.capture(socket_path(run_dir), name, open_out, direction=direction, count=count,
+                         snaplen=snaplen, buffer_kib=buffer_kib, pcapng=pcapng,
+                         started=lambda: click.echo(f"gateway: capturing on {on}, snapshot "
+                                                    f"length {snaplen} bytes", err=True))
+    except (FileNotFoundError, ConnectionRefusedError):
+        fail(f"the daemon is not running (no {socket_path(run_dir)})")
+    except PermissionError:
+        fail(f"no permission on {socket_path(run_dir)}: run as root or as a member of its group")
+    except cr.CaptureFailed as e:
+        fail(str(e), e.code)
+    except KeyboardInterrupt:  # Ctrl-C before the capture began: nothing to say
+        sys.exit(130)
+    finally:
+        for proc in procs:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+            proc.wait()
+    if res.broken_pipe:
+        sys.exit(0)  # the reader went away (| head): quietly, like tcpdump
+    click.echo(cr.summary(res), err=True)
+    if res.ended:
+        fail(f"capture ended: {res.ended}", 1)
 
 
 @main.command()

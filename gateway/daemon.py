@@ -150,6 +150,9 @@ async def _main(gw: Gateway, run_dir: str, config_file: str | None, ready) -> No
     finally:
         systemd.stopping()
         watch.stop()
+        # captures hold their connections open: end them (each reader is told)
+        # before the server closes, which waits for its connections
+        await loop.run_in_executor(one_at_a_time, gw.end_captures, "the daemon is stopping")
         server.close()
         await server.wait_closed()
         try:
