@@ -23,9 +23,13 @@ data path's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
+import threading
+import time
 
 import setups
 from pyroute2 import NetNS
@@ -40,6 +44,11 @@ import json, os, socket, struct, sys, time
 
 ip, count, interval, cpu = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 os.sched_setaffinity(0, {cpu})
+# A short EEVDF slice (sched_runtime 100 us, kernel 6.12+): the far host sends
+# on time instead of waiting out the busy-polling guest's slice on this CPU.
+import ctypes
+attr = struct.pack("IIQiIQQQ", 48, 0, 0, 0, 0, 100_000, 0, 0)
+ctypes.CDLL(None).syscall(314, 0, ctypes.c_char_p(attr), 0)
 SO_TIMESTAMPING = 37  # also the cmsg type; flags: TX_SOFTWARE RX_SOFTWARE SOFTWARE OPT_TSONLY
 FLAGS = 1 << 1 | 1 << 3 | 1 << 4 | 1 << 11
 
@@ -103,33 +112,106 @@ def ping(topo, ip: str, count: int, interval: float) -> list[float]:
     return json.loads(out.stdout)
 
 
-def latency(setup: str, count: int = 1000, interval: float = 0.01) -> dict:
+def _run_ns(tids: list[str], pid: int) -> int:
+    """CPU time (ns, schedstat: exact, not clock ticks) of these threads of pid."""
+    total = 0
+    for tid in tids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total
+
+
+def forwarder_threads(setup: str, pid: int | None) -> tuple[int, list[str]]:
+    """The forwarder's threads: the gateway's workers (named gw-*, in this
+    process), or the whole testpmd process."""
+    if setup.startswith("gateway"):
+        me = os.getpid()
+        tids = []
+        for tid in os.listdir(f"/proc/{me}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{me}/task/{tid}/comm") as f:
+                if f.read().startswith("gw-"):
+                    tids.append(tid)
+        return me, tids
+    return pid, os.listdir(f"/proc/{pid}/task")
+
+
+def summary(rtts: list[float], sent: int) -> dict:
+    return {"p50_us": percentile(rtts, 50), "p95_us": percentile(rtts, 95),
+            "p99_us": percentile(rtts, 99), "min_us": min(rtts), "max_us": max(rtts),
+            "sent": sent, "received": len(rtts)}
+
+
+def latency(setup: str, count: int = 1000, interval: float = 0.01, devices: int = 1,
+            background_pps: float = 0.0) -> dict:
     """Percentiles over the replies that came back; a lost request is in sent, not received.
+
+    `devices` guests (each an icmpecho testpmd on its own NIC, one forwarder
+    for all, as an operator would run it) are pinged at the same time, and
+    the percentiles are over all their replies. `background_pps`: one more
+    device whose (paced) guest sends that many 64 B frames a second to the
+    wire meanwhile. `cpu_pct` is the forwarder's CPU (percent of one core,
+    from schedstat) over the pinging.
 
     p95 is there because p99 of a 10 s run is only 10 samples: a host that
     stalls a CPU now and then sets p99 on its own, for every setup alike (on
     the 2-CPU test VM something every 0.5 s, likely kdamond's sampling, costs
     ~2-3 % of the pings a few milliseconds).
     """
-    with topology() as topo, setups.SERVERS[setup](topo) as sock:
-        guest_ip = topo.peer_ip.rsplit(".", 1)[0] + ".2"
-        with NetNS(topo.ns) as far:
-            (idx,) = far.link_lookup(ifname=topo.peer)
-            far.neigh("add", dst=guest_ip, lladdr=setups.GUEST_MAC, ifindex=idx,
-                      state=NUD_PERMANENT)
-        # The port's MAC is the gateway device's: icmpecho answers ARP with it,
-        # and echo replies leave from whatever MAC the request was sent to.
-        vdev = f"net_virtio_user0,path={sock},queues=1,mac={setups.GUEST_MAC}"
-        with Testpmd(vdev=vdev, lcores=setups.lcores(setups.SOURCE_CPU),
-                     args=["--forward-mode=icmpecho"]) as guest:
+    from pacer import PacedGuest
+
+    n = devices + bool(background_pps)
+    with contextlib.ExitStack() as stack:
+        topos = [stack.enter_context(topology()) for _ in range(n)]
+        socks, pid = stack.enter_context(setups.serve_many(setup, topos))
+        ips = []
+        for i, topo in enumerate(topos[:devices]):
+            ip = topo.peer_ip.rsplit(".", 1)[0] + ".2"
+            ips.append(ip)
+            with NetNS(topo.ns) as far:
+                (idx,) = far.link_lookup(ifname=topo.peer)
+                far.neigh("add", dst=ip, lladdr=setups.GUEST_MAC, ifindex=idx,
+                          state=NUD_PERMANENT)
+            # The port's MAC is the gateway device's: icmpecho answers ARP with it,
+            # and echo replies leave from whatever MAC the request was sent to.
+            vdev = f"net_virtio_user0,path={socks[i]},queues=1,mac={setups.GUEST_MAC}"
+            guest = stack.enter_context(Testpmd(vdev=vdev, lcores=setups.lcores(
+                setups.SOURCE_CPU), args=["--forward-mode=icmpecho"]))
             guest.wait_link_up(30)
             guest.start()
-            rtts = ping(topo, guest_ip, count, interval)
+        bg = None
+        if background_pps:
+            g = stack.enter_context(PacedGuest(socks[-1], 64, dst_mac=BACKGROUND_DST,
+                                               cpu=setups.SOURCE_CPU))
+            seconds = count * interval + 5
+            bg = threading.Thread(target=g.run, args=(background_pps, seconds), daemon=True)
+            bg.start()
+            time.sleep(1.0)  # the load is running before the pings start
+        fpid, tids = forwarder_threads(setup, pid)
+        t0, c0 = time.monotonic(), _run_ns(tids, fpid)
+        results: list[list[float]] = [[] for _ in ips]
+        pingers = [threading.Thread(target=lambda i=i: results[i].extend(
+            ping(topos[i], ips[i], count, interval))) for i in range(devices)]
+        for t in pingers:
+            t.start()
+        for t in pingers:
+            t.join()
+        cpu = 100 * (_run_ns(tids, fpid) - c0) / 1e9 / (time.monotonic() - t0)
+        workers = setups.worker_counters()
+        if bg is not None:
+            bg.join()
+    rtts = [r for rs in results for r in rs]
     if not rtts:
-        raise RuntimeError(f"{setup}: no echo reply out of {count} requests")
-    return {"p50_us": percentile(rtts, 50), "p95_us": percentile(rtts, 95),
-            "p99_us": percentile(rtts, 99),
-            "min_us": min(rtts), "max_us": max(rtts), "sent": count, "received": len(rtts)}
+        raise RuntimeError(f"{setup}: no echo reply out of {count * devices} requests")
+    out = summary(rtts, count * devices)
+    out.update(cpu_pct=cpu, devices=devices, background_pps=background_pps)
+    if devices > 1:
+        out["per_device"] = [summary(rs, count) for rs in results if rs]
+    if setup.startswith("gateway"):
+        out["workers"] = workers
+    return out
+
+
+BACKGROUND_DST = "02:00:00:00:00:98"  # nobody's: the far host drops it at once
 
 
 if __name__ == "__main__":

@@ -85,5 +85,60 @@ def serve_testpmd(topo, queue_pairs: int = 1) -> Iterator[str]:
         yield sock
 
 
+_devices: list = []  # the gateway devices serve_many runs now (worker_counters)
+
+
+@contextlib.contextmanager
+def serve_many(setup: str, topos: list) -> Iterator[tuple[list[str], int | None]]:
+    """One forwarder for several devices, each on its own topology's NIC, as an
+    operator would run them: one gateway (its workers all on FORWARDER_CPU),
+    or one testpmd whose single forwarding lcore serves every vhost/af_xdp
+    port pair (io mode, paired ports). Yields the sockets and testpmd's pid
+    (None for the gateway, which runs in this process)."""
+    if setup.startswith("gateway"):
+        with contextlib.ExitStack() as stack:
+            pin_workers([FORWARDER_CPU])
+            stack.callback(pin_workers, [])
+            with pinned(FORWARDER_CPU):
+                service = VhostService().start()
+                stack.callback(service.stop)
+                registry, socks = Registry(), []
+                for i, topo in enumerate(topos):
+                    nic = Nic(topo.nic)
+                    stack.callback(nic.close)
+                    port = XdpPort(nic, f"bench{i}", GUEST_MAC)
+                    stack.callback(port.close)
+                    dev = registry.create(f"bench{i}", port)
+                    _devices.append(dev)
+                    stack.callback(_devices.remove, dev)
+                    socks.append(_sock(f"gateway{i}.sock"))
+                    service.listen(dev, socks[-1])
+            yield socks, None
+        return
+    socks = [_sock(f"testpmd{i}.sock") for i in range(len(topos))]
+    vdevs = []
+    for i, (sock, topo) in enumerate(zip(socks, topos, strict=True)):
+        vdevs += [f"net_vhost{i},iface={sock},queues=1",
+                  f"net_af_xdp{i},iface={topo.nic},queue_count=1"]
+    with tp.Testpmd(vdev=vdevs[0], eal_args=[a for v in vdevs[1:] for a in ("--vdev", v)],
+                    lcores=f"0@{FORWARDER_CPU},1@{FORWARDER_CPU}", nb_cores=1,
+                    args=["--forward-mode=io", "--port-topology=paired"]) as fwd:
+        fwd.wait_ready()
+        fwd.start()
+        yield socks, fwd.proc.pid
+
+
+def worker_counters() -> dict[str, int]:
+    """Summed over the live gateway workers of serve_many: sleeps, early wake-ups
+    ahead of a predicted burst, and how many of those the burst then hit."""
+    out = {"sleeps": 0, "early_wakes": 0, "early_hits": 0}
+    for dev in _devices:
+        for w, _ in dev.workers.values():
+            for k in ("sleeps", "early_wakes", "early_hits"):
+                out[k] += getattr(w, k)
+            out["gap_us"], out["dev_us"] = w.arrivals.gap / 1e3, w.arrivals.dev / 1e3
+    return out
+
+
 # gateway-packed: the same server; only the guest's rings differ (bench.guest)
 SERVERS = {"gateway": serve_gateway, "gateway-packed": serve_gateway, "testpmd": serve_testpmd}

@@ -6,10 +6,26 @@ in C until its rings have been quiet for a while, so Python runs only when the
 traffic stops. When a pass moves nothing, the worker asks the guest to kick,
 re-checks the rings (a kick may have been skipped just before) and sleeps in
 poll() on the kick eventfds, the port's fd and its own wake-up eventfd.
+
+Latency at light load (issue 15). A sleeping worker pays for its wake-up when
+a lone frame comes: an idle vCPU's wake-up, the GIL and Python, or, on a CPU
+running something else, that task's time slice. So, by default:
+- a worker asks the scheduler for a short slice (sched_setattr, SCHED_OTHER
+  with sched_runtime, kernel 6.12+): waking on a busy CPU it preempts the
+  running task instead of waiting up to ~3 ms for its slice to end;
+- its timer slack is 1 ns, so a timed sleep ends when asked;
+- it learns when bursts arrive (`Arrivals`): when they come regularly it
+  wakes a little ahead of the next one and polls the rings for a bounded
+  window, so the frame finds it awake; irregular traffic gets no early
+  wake-ups and costs what it did.
+`--busy-poll-us` (xdp_port.set_busy_poll) stays the manual knob that spins
+after every frame.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import itertools
 import logging
 import os
@@ -17,12 +33,22 @@ import select
 import threading
 from collections.abc import Callable, Iterable
 
+from gateway._native import ffi as _ffi
 from gateway.datapath.port import PortQueue
 from gateway.virtio.ring import RingBroken, VirtQueue, lib
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_MS = 1  # when the front-end never kicks (no-fd bit) or kicks are disabled
+SLICE_NS = 100_000  # the scheduler's slice asked for workers (the kernel's minimum)
+
+# Waking ahead of a burst (`Arrivals`): bounds that keep it cheap.
+MIN_GAP_NS = 200_000  # bursts closer than this: the pump's own spin covers them
+MAX_GAP_NS = 100_000_000  # further apart: a timer per burst is not worth it
+WAKE_LATE_NS = 50_000  # how late a timed wake-up may run: wake this much earlier
+MAX_WINDOW_NS = 1_000_000  # never poll longer than this for a predicted burst
+DUTY = 0.05  # ... nor longer than this share of the gap between bursts
+_wake_ahead = [True]
 
 _cpus: list[int] = []  # CPUs for data-path threads, taken in turn; empty: anywhere
 _turn = itertools.count()
@@ -44,6 +70,60 @@ def pin_workers(cpus: Iterable[int]) -> None:
         raise ValueError(f"CPU {bad[0]} is not available to this process "
                          f"(allowed: {','.join(map(str, sorted(allowed)))})")
     _cpus[:] = cpus
+
+
+def set_wake_ahead(enabled: bool) -> None:
+    """Whether workers started from now on wake ahead of bursts their arrival
+    history predicts (on by default; `gateway daemon --no-wake-ahead`)."""
+    _wake_ahead[0] = bool(enabled)
+
+
+class Arrivals:
+    """When the next burst is due, from the gaps between the last ones.
+
+    `seen(t)` takes the time (ns, CLOCK_MONOTONIC) a run of the pump first
+    moved a frame after the worker slept. The gap is an exponential average
+    (1/8) and `dev` the average distance from it (1/4), as TCP's RTT
+    estimator. `window(now)` offers (sleep_ns, poll_ns) -- sleep that long,
+    then poll the rings for poll_ns -- only when bursts came regularly: at
+    least 3 gaps in a row within MIN_GAP_NS..MAX_GAP_NS, and a window (2 x
+    (2 dev + WAKE_LATE_NS)) within MAX_WINDOW_NS and DUTY of the gap. So
+    the polling costs at most DUTY of a CPU, and nothing when traffic is
+    irregular or stops: once the due time passed, nothing more is offered
+    until the next burst.
+    """
+
+    def __init__(self) -> None:
+        self.last = 0  # the last burst's time, 0: none yet
+        self.gap = 0.0
+        self.dev = 0.0
+        self.n = 0  # gaps in a row within the bounds
+
+    def seen(self, t: int) -> None:
+        g = t - self.last
+        if self.last and MIN_GAP_NS <= g <= MAX_GAP_NS:
+            if self.n == 0:
+                self.gap, self.dev = float(g), g / 2
+            else:
+                err = g - self.gap
+                self.gap += err / 8
+                self.dev += (abs(err) - self.dev) / 4
+            self.n += 1
+        elif self.last and g > MAX_GAP_NS:
+            self.n = 0
+        self.last = t
+
+    def window(self, now: int) -> tuple[int, int] | None:
+        if self.n < 3:
+            return None
+        margin = 2 * self.dev + WAKE_LATE_NS
+        poll = int(2 * margin)
+        if poll > min(MAX_WINDOW_NS, DUTY * self.gap):
+            return None
+        sleep = int(self.last + self.gap - margin) - now
+        if sleep <= 0:  # due already (or missed): the next burst wakes us
+            return None
+        return sleep, poll
 
 
 class QueuePairWorker:
@@ -69,6 +149,13 @@ class QueuePairWorker:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop = False
         self.throttled = 0  # passes followed by a throttle pause
+        self.arrivals = Arrivals()
+        self.wake_ahead = _wake_ahead[0]
+        self.sleeps = 0  # times the worker slept (poll)
+        self.early_wakes = 0  # ... and woke ahead of a predicted burst
+        self.early_hits = 0  # ... that then came within the window
+        self._first_wait = 0  # the pump's first-frame window after an early wake
+        self._fresh = False  # the next pump run starts after a sleep
         self._thread = threading.Thread(target=self._run, name=f"gw-{name}", daemon=True)
 
     def start(self) -> None:
@@ -97,6 +184,8 @@ class QueuePairWorker:
     # -- the loop ---------------------------------------------------------------
 
     def _run(self) -> None:
+        _name_thread(self._thread.name)
+        _short_slice()
         if _cpus:
             os.sched_setaffinity(0, {_cpus[next(_turn) % len(_cpus)]})  # this thread only
         try:
@@ -117,7 +206,14 @@ class QueuePairWorker:
             self.port.send_raw(frames)
         pump = getattr(self.port, "pump", None)
         if pump is not None:  # the port loops in C until the rings go quiet
-            moved = pump(self.txq, self.rxq)
+            if self._first_wait:
+                moved = pump(self.txq, self.rxq, self._first_wait)
+            else:
+                moved = pump(self.txq, self.rxq)
+            if self._fresh and self.port.first_ns:  # a burst came: when?
+                self.arrivals.seen(self.port.first_ns)
+                self.early_hits += bool(self._first_wait)
+            self._fresh, self._first_wait = False, 0
             if getattr(self.port, "throttled", False):
                 self._throttle()
             return moved
@@ -160,15 +256,71 @@ class QueuePairWorker:
         else:
             fds.extend(self.port.fds)
         if not pending and not self._stop:
-            p = select.poll()
-            for fd in fds:
-                p.register(fd, select.POLLIN)
-            for fd, _ in p.poll(timeout):
+            timeout_ns = -1 if timeout is None else timeout * 1_000_000
+            ahead = None
+            if self.wake_ahead and not backlog and hasattr(self.port, "first_ns"):
+                ahead = self.arrivals.window(lib.gw_now_ns())
+                if ahead is not None and 0 <= timeout_ns <= ahead[0]:
+                    ahead = None  # the polling interval comes first anyway
+            if ahead is not None:
+                timeout_ns = ahead[0]
+            self.sleeps += 1
+            ready = _poll(fds, timeout_ns)
+            for fd in ready:
                 if fd not in self.port.fds:
                     _drain(fd)
+            if not ready and ahead is not None:  # woke ahead: poll for the burst
+                self.early_wakes += 1
+                self._first_wait = ahead[1]
+            self._fresh = True
         self.txq.set_notify(False)
         if backlog:
             self.rxq.set_notify(False)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_NAME = 15
+PR_SET_TIMERSLACK = 29
+SYS_SCHED_SETATTR = 314  # x86_64
+
+
+class _SchedAttr(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("policy", ctypes.c_uint32),
+                ("flags", ctypes.c_uint64), ("nice", ctypes.c_int32),
+                ("priority", ctypes.c_uint32), ("runtime", ctypes.c_uint64),
+                ("deadline", ctypes.c_uint64), ("period", ctypes.c_uint64)]
+
+
+def _short_slice() -> bool:
+    """Ask for a short scheduler slice (EEVDF, kernel 6.12+: sched_runtime of a
+    SCHED_OTHER thread is its slice) and a 1 ns timer slack, for this thread.
+    A waking task with a shorter slice gets an earlier deadline and preempts
+    a CPU hog at once; the worker's own bursts are far shorter than 100 us of
+    CPU between sleeps, so it gives nothing up. Older kernels ignore the
+    runtime or refuse: then only the slack changes. True if the slice took."""
+    _libc.prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
+    if not SLICE_NS or os.uname().machine != "x86_64" or os.sched_getscheduler(0) != os.SCHED_OTHER:
+        return False
+    attr = _SchedAttr(size=ctypes.sizeof(_SchedAttr), policy=os.SCHED_OTHER,
+                      nice=os.getpriority(os.PRIO_PROCESS, 0), runtime=SLICE_NS)
+    return _libc.syscall(SYS_SCHED_SETATTR, 0, ctypes.byref(attr), 0) == 0
+
+
+def _poll(fds: list[int], timeout_ns: int) -> list[int]:
+    """The fds of `fds` that are readable, after waiting up to timeout_ns
+    (-1: no limit) in C, the GIL released, with nanosecond resolution."""
+    n = len(fds)
+    cfds, revents = _ffi.new("int[]", fds), _ffi.new("short[]", n)
+    r = lib.gw_poll(cfds, revents, n, timeout_ns)
+    if r < 0 and r != -errno.EINTR:
+        raise OSError(-r, os.strerror(-r))
+    return [fds[i] for i in range(n) if revents[i]] if r > 0 else []
+
+
+def _name_thread(name: str) -> None:
+    """The OS name of this thread (15 bytes), so `top -H`, `ps -L` and traces
+    show which device's worker a thread is."""
+    _libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def _drain(fd: int) -> None:
