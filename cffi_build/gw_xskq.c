@@ -569,7 +569,7 @@ long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
             return moved;
         t = now_ns();
         if (n || k) {
-            if (!p->first_ns)
+            if (k && !p->first_ns)      /* the wire's arrivals: what a worker predicts */
                 p->first_ns = t;
             active = t;
             quiet = spin_ns;            /* after a frame: the usual window */

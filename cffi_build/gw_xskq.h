@@ -146,7 +146,9 @@ struct gw_pump {
     int idle;                  /* the last return was for spin_ns without a frame */
     int throttled;             /* the last pass walked far more than it moved: sleep a little */
     uint64_t passes;           /* rounds over both directions, for profiles */
-    uint64_t first_ns;         /* CLOCK_MONOTONIC when this run first moved a frame, or 0 */
+    uint64_t first_ns;         /* CLOCK_MONOTONIC when this run first moved a frame from
+                                  the wire (an RX socket) to the guest, or 0: the guest's
+                                  own frames follow the wire's or come with a kick */
 };
 
 /* Moves bursts both ways, interrupting the guest as it asks, until nothing

@@ -91,8 +91,11 @@ def parse_cpus(text: str) -> list[int]:
 @click.option("--busy-poll-us", type=click.IntRange(0, 1_000_000), metavar="US",
               help="workers poll this long after the last frame before sleeping "
                    "[default: 50]; e.g. 20000 for DPDK-like latency, at a CPU per busy worker")
+@click.option("--wake-ahead/--no-wake-ahead", default=True, show_default=True,
+              help="wake a worker just ahead of traffic that arrives regularly (at most "
+                   "5 %% of a CPU per worker)")
 def daemon(run_dir: str, state_dir: str, metrics_listen: str | None, cpus: str | None,
-           busy_poll_us: int | None) -> None:
+           busy_poll_us: int | None, wake_ahead: bool) -> None:
     """Hold every device; the other commands talk to this process."""
     cpu_list = parse_cpus(cpus) if cpus else None
     preflight()
@@ -102,7 +105,7 @@ def daemon(run_dir: str, state_dir: str, metrics_listen: str | None, cpus: str |
         logging.getLogger().setLevel(logging.INFO)  # a daemon says what it does
     try:
         run(run_dir, state_dir, metrics_listen=metrics_listen, cpus=cpu_list,
-            busy_poll_us=busy_poll_us,
+            busy_poll_us=busy_poll_us, wake_ahead=wake_ahead,
             ready=lambda msg: click.echo(msg, err=True))
     except GatewayError as e:
         fail(str(e))

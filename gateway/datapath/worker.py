@@ -82,9 +82,10 @@ class Arrivals:
     """When the next burst is due, from the gaps between the last ones.
 
     `seen(t)` takes the time (ns, CLOCK_MONOTONIC) a run of the pump first
-    moved a frame after the worker slept. The gap is an exponential average
-    (1/8) and `dev` the average distance from it (1/4), as TCP's RTT
-    estimator. `window(now)` offers (sleep_ns, poll_ns) -- sleep that long,
+    moved a frame from the wire after the worker slept (the guest's answers
+    are not predicted: they follow within the pump's spin or kick). The gap
+    is an exponential average (1/8) and `dev` the average distance from it
+    (1/4), as TCP's RTT estimator. `window(now)` offers (sleep_ns, poll_ns) -- sleep that long,
     then poll the rings for poll_ns -- only when bursts came regularly: at
     least 3 gaps in a row within MIN_GAP_NS..MAX_GAP_NS, and a window (2 x
     (2 dev + WAKE_LATE_NS)) within MAX_WINDOW_NS and DUTY of the gap. So
