@@ -83,41 +83,42 @@ class Arrivals:
 
     `seen(t)` takes the time (ns, CLOCK_MONOTONIC) a run of the pump first
     moved a frame from the wire after the worker slept (the guest's answers
-    are not predicted: they follow within the pump's spin or kick). The gap
-    is an exponential average (1/8) and `dev` the average distance from it
-    (1/4), as TCP's RTT estimator. `window(now)` offers (sleep_ns, poll_ns) -- sleep that long,
-    then poll the rings for poll_ns -- only when bursts came regularly: at
-    least 3 gaps in a row within MIN_GAP_NS..MAX_GAP_NS, and a window (2 x
-    (2 dev + WAKE_LATE_NS)) within MAX_WINDOW_NS and DUTY of the gap. So
-    the polling costs at most DUTY of a CPU, and nothing when traffic is
-    irregular or stops: once the due time passed, nothing more is offered
-    until the next burst.
+    are not predicted: they follow within the pump's spin or kick). Of the
+    last HISTORY gaps within MIN_GAP_NS..MAX_GAP_NS, the median is the gap
+    and the median distance from it (MAD) the jitter: medians, because on a
+    busy host a frame is now and then late by milliseconds, and one such
+    outlier must not stop the predictions for the many on time (an average
+    would). `window(now)` offers (sleep_ns, poll_ns) -- sleep that long,
+    then poll the rings for poll_ns, centred on the due time -- once
+    MIN_SAMPLES gaps are known and a window of 2 x (3 MAD + WAKE_LATE_NS)
+    fits within MAX_WINDOW_NS and DUTY of the gap. So the polling costs at
+    most DUTY of a CPU, and nothing when traffic is irregular or stops: once
+    the due time passed, nothing more is offered until the next burst.
     """
+
+    HISTORY = 16
+    MIN_SAMPLES = 8
 
     def __init__(self) -> None:
         self.last = 0  # the last burst's time, 0: none yet
-        self.gap = 0.0
-        self.dev = 0.0
-        self.n = 0  # gaps in a row within the bounds
+        self.gaps: list[int] = []  # the last HISTORY gaps, oldest first
+        self.gap = 0.0  # their median
+        self.dev = 0.0  # their median distance from it
 
     def seen(self, t: int) -> None:
         g = t - self.last
         if self.last and MIN_GAP_NS <= g <= MAX_GAP_NS:
-            if self.n == 0:
-                self.gap, self.dev = float(g), g / 2
-            else:
-                err = g - self.gap
-                self.gap += err / 8
-                self.dev += (abs(err) - self.dev) / 4
-            self.n += 1
-        elif self.last and g > MAX_GAP_NS:
-            self.n = 0
+            self.gaps = [*self.gaps[1 - self.HISTORY:], g]
+            self.gap = _median(self.gaps)
+            self.dev = _median([abs(x - self.gap) for x in self.gaps])
+        elif self.last and g > MAX_GAP_NS:  # a pause: start over
+            self.gaps = []
         self.last = t
 
     def window(self, now: int) -> tuple[int, int] | None:
-        if self.n < 3:
+        if len(self.gaps) < self.MIN_SAMPLES:
             return None
-        margin = 2 * self.dev + WAKE_LATE_NS
+        margin = 3 * self.dev + WAKE_LATE_NS
         poll = int(2 * margin)
         if poll > min(MAX_WINDOW_NS, DUTY * self.gap):
             return None
@@ -125,6 +126,12 @@ class Arrivals:
         if sleep <= 0:  # due already (or missed): the next burst wakes us
             return None
         return sleep, poll
+
+
+def _median(xs: list[int] | list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return float(s[n // 2]) if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 class QueuePairWorker:
@@ -185,8 +192,8 @@ class QueuePairWorker:
     # -- the loop ---------------------------------------------------------------
 
     def _run(self) -> None:
-        _name_thread(self._thread.name)
         _short_slice()
+        _name_thread(self._thread.name)  # last: a named worker has its slice (tests)
         if _cpus:
             os.sched_setaffinity(0, {_cpus[next(_turn) % len(_cpus)]})  # this thread only
         try:
