@@ -23,6 +23,7 @@ data path's.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import math
@@ -30,6 +31,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import setups
 from pyroute2 import NetNS
@@ -92,7 +94,7 @@ for seq in range(count):
         if icmp[0] == 0 and struct.unpack("!HH", icmp[4:8]) == (ident, seq):
             t1 = stamp(anc)
             if t1 is not None:
-                rtts.append((t1 - t0) / 1000)
+                rtts.append((t0, (t1 - t0) / 1000))
             break
     time.sleep(max(0.0, start + interval - time.monotonic()))
 print(json.dumps(rtts))
@@ -105,8 +107,9 @@ def percentile(samples: list[float], p: float) -> float:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-def ping(topo, ip: str, count: int, interval: float) -> list[float]:
-    """RTTs in microseconds of the echo replies that came back (lost ones are left out)."""
+def ping(topo, ip: str, count: int, interval: float) -> list[tuple[int, float]]:
+    """(sent at, CLOCK_REALTIME ns; RTT in microseconds) of the echo replies
+    that came back (lost ones are left out)."""
     out = topo.run(sys.executable, "-c", _PINGER, ip, str(count), str(interval),
                    str(setups.SOURCE_CPU), timeout=count * (interval + 1) + 30)
     return json.loads(out.stdout)
@@ -141,8 +144,29 @@ def summary(rtts: list[float], sent: int) -> dict:
             "sent": sent, "received": len(rtts)}
 
 
+AB_BLOCK = 1.0  # seconds per block of an A/B run
+AB_EDGE = 0.05  # seconds around a switch whose pings count for neither side
+
+
+def split_ab(samples: list[tuple[int, float]], flips: list[tuple[int, bool]]
+             ) -> dict[bool, list[float]]:
+    """RTTs by the switch's state when each ping left (flips: (time, state)
+    in order); pings within AB_EDGE of a flip are left out."""
+    out: dict[bool, list[float]] = {True: [], False: []}
+    times = [t for t, _ in flips]
+    for t0, rtt in samples:
+        i = bisect.bisect_right(times, t0) - 1
+        if i < 0:
+            continue
+        near = min(abs(t0 - times[j]) for j in (i, i + 1) if j < len(times))
+        if near >= AB_EDGE * 1e9:
+            out[flips[i][1]].append(rtt)
+    return out
+
+
 def latency(setup: str, count: int = 1000, interval: float = 0.01, devices: int = 1,
-            background_pps: float = 0.0) -> dict:
+            background_pps: float = 0.0, ab: Callable[[bool], None] | None = None
+            ) -> dict:
     """Percentiles over the replies that came back; a lost request is in sent, not received.
 
     `devices` guests (each an icmpecho testpmd on its own NIC, one forwarder
@@ -150,7 +174,11 @@ def latency(setup: str, count: int = 1000, interval: float = 0.01, devices: int 
     the percentiles are over all their replies. `background_pps`: one more
     device whose (paced) guest sends that many 64 B frames a second to the
     wire meanwhile. `cpu_pct` is the forwarder's CPU (percent of one core,
-    from schedstat) over the pinging.
+    from schedstat) over the pinging. `ab`: a switch (e.g. the gateway's
+    wake-ahead) turned on and off every AB_BLOCK seconds during the run; the
+    result's "ab" then has the percentiles of each side, which saw the same
+    host at the same time, so their difference is the switch's, not the
+    machine's mood (runs minutes apart on a shared host differ far more).
 
     p95 is there because p99 of a 10 s run is only 10 samples: a host that
     stalls a CPU now and then sets p99 on its own, for every setup alike (on
@@ -188,24 +216,37 @@ def latency(setup: str, count: int = 1000, interval: float = 0.01, devices: int 
             time.sleep(1.0)  # the load is running before the pings start
         fpid, tids = forwarder_threads(setup, pid)
         t0, c0 = time.monotonic(), _run_ns(tids, fpid)
-        results: list[list[float]] = [[] for _ in ips]
+        results: list[list[tuple[int, float]]] = [[] for _ in ips]
         pingers = [threading.Thread(target=lambda i=i: results[i].extend(
             ping(topos[i], ips[i], count, interval))) for i in range(devices)]
         for t in pingers:
             t.start()
+        flips: list[tuple[int, bool]] = []
+        if ab is not None:
+            state = True
+            while any(t.is_alive() for t in pingers):
+                ab(state)
+                flips.append((time.time_ns(), state))
+                state = not state
+                for t in pingers:
+                    t.join(AB_BLOCK / len(pingers))  # a block, or the run's end
+            ab(True)
         for t in pingers:
             t.join()
         cpu = 100 * (_run_ns(tids, fpid) - c0) / 1e9 / (time.monotonic() - t0)
         workers = setups.worker_counters()
         if bg is not None:
             bg.join()
-    rtts = [r for rs in results for r in rs]
+    rtts = [r for rs in results for _, r in rs]
     if not rtts:
         raise RuntimeError(f"{setup}: no echo reply out of {count * devices} requests")
     out = summary(rtts, count * devices)
     out.update(cpu_pct=cpu, devices=devices, background_pps=background_pps)
     if devices > 1:
-        out["per_device"] = [summary(rs, count) for rs in results if rs]
+        out["per_device"] = [summary([r for _, r in rs], count) for rs in results if rs]
+    if ab is not None:
+        sides = split_ab([x for rs in results for x in rs], flips)
+        out["ab"] = {("on" if k else "off"): summary(v, len(v)) for k, v in sides.items() if v}
     if setup.startswith("gateway"):
         out["workers"] = workers
     return out

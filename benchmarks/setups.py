@@ -163,6 +163,14 @@ def serve_many(setup: str, topos: list) -> Iterator[tuple[list[str], int | None]
         yield socks, fwd.proc.pid
 
 
+def set_wake_ahead(on: bool) -> None:
+    """Switch wake-ahead on or off in the running gateway workers of serve_many
+    (an A/B within one run: latency(ab=...))."""
+    for dev in _devices:
+        for w, _ in dev.workers.values():
+            w.wake_ahead = on
+
+
 def worker_counters() -> dict[str, int]:
     """Summed over the live gateway workers of serve_many: sleeps, early wake-ups
     ahead of a predicted burst, and how many of those the burst then hit."""

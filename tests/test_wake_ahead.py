@@ -23,6 +23,7 @@ from gateway.datapath.worker import (
     MAX_GAP_NS,
     MAX_WINDOW_NS,
     MIN_GAP_NS,
+    SLACK_NS,
     WAKE_LATE_NS,
     Arrivals,
     _poll,
@@ -48,14 +49,28 @@ def regular(gap: int, n: int, jitter: int = 0, t0: int = 10**12) -> Arrivals:
 
 # -- the predictor --------------------------------------------------------------
 
-def test_regular_bursts_get_a_bounded_window_before_the_next_one():
+def test_regular_bursts_get_a_bounded_window_around_the_next_one():
     a = regular(10 * MS, 20, jitter=5_000)
     assert a.gap == 10 * MS and a.dev == 10_000  # gaps alternate 10 ms -/+ 10 us
-    sleep, poll = a.window(a.last + 1 * MS)
-    margin = 3 * a.dev + WAKE_LATE_NS
-    assert poll == int(2 * margin) <= min(MAX_WINDOW_NS, DUTY * a.gap)
-    assert sleep == int(a.last + a.gap - margin) - (a.last + 1 * MS)
-    assert 8 * MS < sleep < 9 * MS  # wakes just ahead of the due time
+    now = a.last + 1 * MS
+    sleep, until = a.window(now)
+    margin = 2 * a.dev + SLACK_NS
+    due = a.last + a.gap
+    assert until == due + margin  # poll up to the window's end ...
+    assert now + sleep == due - margin - WAKE_LATE_NS  # ... from a wake-up that runs late
+    assert until - (now + sleep) <= min(MAX_WINDOW_NS, DUTY * a.gap)
+
+
+def test_the_wake_up_learns_how_late_its_timer_runs():
+    a = regular(10 * MS, 20)
+    for _ in range(Arrivals.HISTORY):
+        a.seen(a.last + 10 * MS)
+        a.woke_late(30_000)
+    sleep, until = a.window(a.last)
+    assert a.late == 30_000 and a.last + sleep == a.last + 10 * MS - SLACK_NS - 30_000
+    for _ in range(Arrivals.HISTORY):
+        a.woke_late(2 * MS)  # a host that wakes us 2 ms late: not worth 2 ms of polling
+    assert a.window(a.last) is None
 
 
 def test_no_window_until_enough_gaps_nor_once_the_burst_is_due():
@@ -93,7 +108,7 @@ def test_gaps_outside_the_bounds_are_not_predicted():
 
 
 def test_poll_window_never_exceeds_its_share_of_the_gap():
-    # 400 us apart: even with no jitter 2 x WAKE_LATE_NS x 2 = 200 us > 5 % of it
+    # 400 us apart: even with no jitter WAKE_LATE_NS + 2 SLACK_NS > 5 % of it
     a = regular(400_000, 20)
     assert a.window(a.last) is None
 

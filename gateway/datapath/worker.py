@@ -45,7 +45,8 @@ SLICE_NS = 100_000  # the scheduler's slice asked for workers (the kernel's mini
 # Waking ahead of a burst (`Arrivals`): bounds that keep it cheap.
 MIN_GAP_NS = 200_000  # bursts closer than this: the pump's own spin covers them
 MAX_GAP_NS = 100_000_000  # further apart: a timer per burst is not worth it
-WAKE_LATE_NS = 50_000  # how late a timed wake-up may run: wake this much earlier
+WAKE_LATE_NS = 100_000  # how late a timed wake-up runs, until the worker measured it
+SLACK_NS = 20_000  # the window's margin on each side beyond the arrivals' own jitter
 MAX_WINDOW_NS = 1_000_000  # never poll longer than this for a predicted burst
 DUTY = 0.05  # ... nor longer than this share of the gap between bursts
 _wake_ahead = [True]
@@ -90,10 +91,15 @@ class Arrivals:
     outlier must not stop the predictions for the many on time (an average
     would). `window(now)` offers (sleep_ns, poll_ns) -- sleep that long,
     then poll the rings for poll_ns, centred on the due time -- once
-    MIN_SAMPLES gaps are known and a window of 2 x (3 MAD + WAKE_LATE_NS)
-    fits within MAX_WINDOW_NS and DUTY of the gap. So the polling costs at
-    most DUTY of a CPU, and nothing when traffic is irregular or stops: once
-    the due time passed, nothing more is offered until the next burst.
+    MIN_SAMPLES gaps are known, centred on the due time: due +- (2 MAD +
+    SLACK_NS). A timed wake-up itself runs late (an idle vCPU's wake-up:
+    50-100 us on the test VM), so the worker sleeps that much less: `late`,
+    the median of the last HISTORY lateness measures (`woke_late`),
+    WAKE_LATE_NS until there are some. The whole (late + window) must fit
+    within MAX_WINDOW_NS and DUTY of the gap: so the polling costs at most
+    DUTY of a CPU, and nothing when traffic is irregular or stops: once the
+    due time passed, nothing more is offered until the next burst.
+    `window(now)` returns (sleep_ns, poll_until_ns).
     """
 
     HISTORY = 16
@@ -104,6 +110,8 @@ class Arrivals:
         self.gaps: list[int] = []  # the last HISTORY gaps, oldest first
         self.gap = 0.0  # their median
         self.dev = 0.0  # their median distance from it
+        self.lates: list[int] = []  # how late the last timed wake-ups ran
+        self.late = float(WAKE_LATE_NS)
 
     def seen(self, t: int) -> None:
         g = t - self.last
@@ -115,17 +123,21 @@ class Arrivals:
             self.gaps = []
         self.last = t
 
+    def woke_late(self, ns: int) -> None:
+        self.lates = [*self.lates[1 - self.HISTORY:], max(0, ns)]
+        self.late = _median(self.lates)
+
     def window(self, now: int) -> tuple[int, int] | None:
         if len(self.gaps) < self.MIN_SAMPLES:
             return None
-        margin = 3 * self.dev + WAKE_LATE_NS
-        poll = int(2 * margin)
-        if poll > min(MAX_WINDOW_NS, DUTY * self.gap):
+        margin = 2 * self.dev + SLACK_NS  # +-2 MAD: ~4 frames in 5, if normal
+        if self.late + 2 * margin > min(MAX_WINDOW_NS, DUTY * self.gap):
             return None
-        sleep = int(self.last + self.gap - margin) - now
+        due = self.last + self.gap
+        sleep = int(due - margin - self.late) - now
         if sleep <= 0:  # due already (or missed): the next burst wakes us
             return None
-        return sleep, poll
+        return sleep, int(due + margin)
 
 
 def _median(xs: list[int] | list[float]) -> float:
@@ -272,14 +284,19 @@ class QueuePairWorker:
                     ahead = None  # the polling interval comes first anyway
             if ahead is not None:
                 timeout_ns = ahead[0]
+                wake_at = lib.gw_now_ns() + timeout_ns
             self.sleeps += 1
             ready = _poll(fds, timeout_ns)
             for fd in ready:
                 if fd not in self.port.fds:
                     _drain(fd)
-            if not ready and ahead is not None:  # woke ahead: poll for the burst
-                self.early_wakes += 1
-                self._first_wait = ahead[1]
+            if ahead is not None:
+                now = lib.gw_now_ns()
+                if now >= wake_at:  # the timer ran out (a frame may have come meanwhile)
+                    self.arrivals.woke_late(now - wake_at)
+                if not ready and ahead[1] > now:  # woke ahead: poll for the burst
+                    self.early_wakes += 1
+                    self._first_wait = ahead[1] - now
             self._fresh = True
         self.txq.set_notify(False)
         if backlog:
