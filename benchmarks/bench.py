@@ -326,8 +326,9 @@ def latency_variants(args, zero: list[dict]) -> dict:
     pinged at once, one device beside a background load of half this path's
     line rate (the lowest 64 B zero-loss rate of the run: what it carries
     with nothing lost) on another device of the same forwarder; and the
-    gateway with --busy-poll-us and with wake-ahead off, to show what each
-    mechanism buys in the same run."""
+    gateway with --busy-poll-us, and with wake-ahead switched on and off
+    every second of one run (its halves saw the same machine), to show what
+    each mechanism buys."""
     from latency import latency
 
     from gateway.datapath import worker
@@ -343,8 +344,8 @@ def latency_variants(args, zero: list[dict]) -> dict:
     if "gateway" in args.setups:  # and as an operator after latency runs it
         runs += [(f"gateway, --busy-poll-us {BUSY_POLL_US}", "gateway", {},
                   lambda: set_busy_poll(BUSY_POLL_US)),
-                 ("gateway, --no-wake-ahead", "gateway", {},
-                  lambda: worker.set_wake_ahead(False))]
+                 ("gateway, wake-ahead on/off every second", "gateway",
+                  {"ab": setups.set_wake_ahead}, lambda: None)]
     out: dict[str, list[dict]] = {}
     for _, (name, setup, kw, prepare) in itertools.product(range(args.latency_runs), runs):
         wait_quiet(args.quiet_wait)
@@ -354,7 +355,12 @@ def latency_variants(args, zero: list[dict]) -> dict:
         finally:
             set_busy_poll(SPIN_NS // 1000)
             worker.set_wake_ahead(True)
-    return {name: median_run(rs) for name, rs in out.items()}
+    merged = {}
+    for name, rs in out.items():
+        r = merged[name] = median_run(rs)
+        for side, lat in r.get("ab", {}).items():  # the same run's two halves
+            merged[f"  ... its wake-ahead {side} half"] = {**lat, "cpu_pct": r["cpu_pct"]}
+    return merged
 
 
 def median_run(rs: list[dict]) -> dict:

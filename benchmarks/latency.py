@@ -205,13 +205,19 @@ def latency(setup: str, count: int = 1000, interval: float = 0.01, devices: int 
             guest = stack.enter_context(Testpmd(vdev=vdev, lcores=setups.lcores(
                 setups.SOURCE_CPU), args=["--forward-mode=icmpecho"]))
             guest.wait_link_up(30)
+            # Guests (and the background pacer) share SOURCE_CPU, each polling:
+            # short slices make them take turns every ~300 us, not every ~1.4 ms;
+            # the pinger's, shorter still (100 us), lets the far host send on
+            # time, as it would from a machine of its own.
+            setups.short_slice(guest.proc.pid, GUEST_SLICE_NS)
             guest.start()
         bg = None
         if background_pps:
             g = stack.enter_context(PacedGuest(socks[-1], 64, dst_mac=BACKGROUND_DST,
                                                cpu=setups.SOURCE_CPU))
             seconds = count * interval + 5
-            bg = threading.Thread(target=g.run, args=(background_pps, seconds), daemon=True)
+            bg = threading.Thread(target=lambda: (setups.short_slice(0, GUEST_SLICE_NS),
+                                                  g.run(background_pps, seconds)), daemon=True)
             bg.start()
             time.sleep(1.0)  # the load is running before the pings start
         fpid, tids = forwarder_threads(setup, pid)
@@ -253,6 +259,7 @@ def latency(setup: str, count: int = 1000, interval: float = 0.01, devices: int 
 
 
 BACKGROUND_DST = "02:00:00:00:00:98"  # nobody's: the far host drops it at once
+GUEST_SLICE_NS = 300_000
 
 
 if __name__ == "__main__":

@@ -40,14 +40,14 @@ def short_slice(pid: int, slice_ns: int = SHORT_SLICE_NS) -> int:
     Two busy-polling tasks sharing a CPU (a traffic source and a guest) then
     take turns every ~100 us instead of every ~3 ms, so the frames one
     produces while the other waits fit in the rings between them. Returns
-    how many threads took it."""
+    how many threads took it. pid 0: the calling thread only."""
     import ctypes
     import struct
 
     libc = ctypes.CDLL(None, use_errno=True)
     attr = ctypes.create_string_buffer(struct.pack("IIQiIQQQ", 48, 0, 0, 0, 0, slice_ns, 0, 0))
     done = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    for tid in os.listdir(f"/proc/{pid}/task") if pid else ["0"]:  # 0: this thread
         done += libc.syscall(_SYS_SCHED_SETATTR, int(tid), attr, 0) == 0
     return done
 
