@@ -22,7 +22,7 @@ def test_benchmark_short_mode_writes_results(tmp_path):
     results = record["results"]
     # every role's exact command line is kept, so a figure can be reproduced
     for role in ("wire->guest source", "wire->guest guest", "testpmd forwarder"):
-        assert record["commands"][role][0] == "stdbuf"
+        assert "dpdk-testpmd" in record["commands"][role]
     seen = {(x["setup"], x["direction"], x["queues"]) for x in results}
     for direction in ("guest->wire", "wire->guest"):
         assert {(s, direction, 1) for s in ("gateway", "gateway-packed", "testpmd", "raw")} <= seen
