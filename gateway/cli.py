@@ -93,7 +93,7 @@ def parse_cpus(text: str) -> list[int]:
                    "[default: 50]; e.g. 20000 for DPDK-like latency, at a CPU per busy worker")
 @click.option("--wake-ahead/--no-wake-ahead", default=True, show_default=True,
               help="wake a worker just ahead of traffic that arrives regularly (at most "
-                   "5 %% of a CPU per worker)")
+                   "5 % of a CPU per worker)")
 def daemon(run_dir: str, state_dir: str, metrics_listen: str | None, cpus: str | None,
            busy_poll_us: int | None, wake_ahead: bool) -> None:
     """Hold every device; the other commands talk to this process."""
