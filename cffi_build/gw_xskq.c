@@ -1,5 +1,5 @@
-#define _GNU_SOURCE  /* ppoll */
 /* AF_XDP <-> virtqueue bursts (contract in gw_xskq.h). */
+#define _GNU_SOURCE  /* ppoll */
 #include <errno.h>
 #include <poll.h>
 #include <sched.h>
