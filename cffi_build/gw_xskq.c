@@ -1,4 +1,7 @@
 /* AF_XDP <-> virtqueue bursts (contract in gw_xskq.h). */
+#define _GNU_SOURCE  /* ppoll */
+#include <errno.h>
+#include <poll.h>
 #include <sched.h>
 #include <stdint.h>
 #include <string.h>
@@ -516,13 +519,46 @@ static uint64_t now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
+uint64_t gw_now_ns(void)
+{
+    return now_ns();
+}
+
+int gw_poll(const int *fds, short *revents, unsigned n, int64_t timeout_ns)
+{
+    struct pollfd pfd[GW_PUMP_MAX_RX + 8];
+    struct timespec ts, *tp = NULL;
+    int r;
+
+    if (n > sizeof(pfd) / sizeof(pfd[0]))
+        return -E2BIG;                  /* the worker polls a handful of fds */
+    for (unsigned i = 0; i < n; i++) {
+        pfd[i].fd = fds[i];
+        pfd[i].events = POLLIN;
+        pfd[i].revents = 0;
+    }
+    if (timeout_ns >= 0) {
+        ts.tv_sec = timeout_ns / 1000000000;
+        ts.tv_nsec = timeout_ns % 1000000000;
+        tp = &ts;
+    }
+    r = ppoll(pfd, n, tp, NULL);
+    if (r < 0)
+        return -errno;
+    for (unsigned i = 0; i < n; i++)
+        revents[i] = pfd[i].revents;
+    return r;
+}
+
 long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
 {
     uint64_t start = now_ns(), active = start, t;
+    uint64_t quiet = p->first_wait_ns ? p->first_wait_ns : spin_ns;
     long moved = 0;
 
     p->idle = 0;
     p->throttled = 0;
+    p->first_ns = 0;
     for (;;) {
         unsigned waiting = 0;
         int n, k = 0, r;
@@ -557,9 +593,13 @@ long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
         if ((p->local && p->local->n) || __atomic_exchange_n(p->attention, 0, __ATOMIC_ACQ_REL))
             return moved;
         t = now_ns();
-        if (n || k)
+        if (n || k) {
+            if (k && !p->first_ns)      /* the wire's arrivals: what a worker predicts */
+                p->first_ns = t;
             active = t;
-        else if (t - active >= spin_ns) {
+            quiet = spin_ns;            /* after a frame: the usual window */
+        }
+        else if (t - active >= quiet) {
             p->idle = 1;
             return moved;
         }

@@ -26,7 +26,7 @@ import signal
 from gateway.api import Gateway, GatewayError
 from gateway.apply import from_file, summary
 from gateway.control import serve, socket_path
-from gateway.datapath.worker import pin_workers
+from gateway.datapath.worker import pin_workers, set_wake_ahead
 from gateway.datapath.xdp_port import set_busy_poll
 from gateway.linkwatch import LinkWatch
 from gateway.pidlock import Held, PidLock
@@ -52,10 +52,11 @@ def lock_state_dir(state_dir: str) -> PidLock:
 
 def run(run_dir: str, state_dir: str, *, metrics_listen: str | None = None,
         cpus: list[int] | None = None, busy_poll_us: int | None = None,
-        config_file: str | None = None, ready=print) -> None:
+        config_file: str | None = None, wake_ahead: bool = True, ready=print) -> None:
     os.makedirs(state_dir, exist_ok=True)
     owner = lock_state_dir(state_dir)  # first: a second daemon must change nothing
     try:
+        set_wake_ahead(wake_ahead)
         _run(run_dir, state_dir, metrics_listen, cpus, busy_poll_us, config_file, ready)
     finally:
         owner.release()

@@ -58,6 +58,7 @@ class XdpQueue:
         self._raw: FrameBuffer | None = None
         self._attention = ffi.new("uint32_t *")
         self._pump = None
+        self.first_ns = 0  # when the last pump run first moved a frame (CLOCK_MONOTONIC)
         # where the burst copies frames for other guests on the NIC: a burst's
         # worth plus the segments of a GSO frame (pages untouched until used)
         self._local_buf = FrameBuffer(BURST + lib.GW_GSO_MAX_SEGS, FRAME_SIZE)
@@ -80,10 +81,12 @@ class XdpQueue:
     def capture_busy(self) -> bool:
         return lib.gw_cap_busy(self._local) != 0
 
-    def pump(self, txq: VirtQueue, rxq: VirtQueue) -> bool:
+    def pump(self, txq: VirtQueue, rxq: VirtQueue, first_wait_ns: int = 0) -> bool:
         """Bursts both ways in C until idle (see gw_pump_run); Python only runs
         for frames other guests must see, the inbox and the worker's own work.
-        False when the rings went quiet: time for the worker to sleep."""
+        False when the rings went quiet: time for the worker to sleep.
+        `first_wait_ns`: poll this long for a first frame (a worker that woke
+        ahead of one); `first_ns` then says when the run first moved one."""
         p = self._pump
         if p is None or p.txq != txq.native or p.rxq != rxq.native:
             p = self._pump = self._make_pump(txq, rxq)
@@ -92,7 +95,9 @@ class XdpQueue:
             buf, start = self.inbox.delivered(moved)  # and other guests reach it this way
             lib.gw_cap_frames(self._local, lib.GW_CAP_RX, buf.base, buf.offs + start,
                               buf.lens + start, moved)
+        p.first_wait_ns = first_wait_ns
         r = lib.gw_pump_run(p, _spin_ns[0], max(BUDGET_NS, _spin_ns[0]))
+        self.first_ns = p.first_ns
         if r < 0:
             (txq if p.broken == 1 else rxq).check(-1)
         if self._local.n:  # guest frames other guests must see
