@@ -23,6 +23,11 @@ APT_PACKAGES=(
     dpdk-dev qemu-system-x86 python3-bpfcc libxdp-dev libbpf-dev linux-headers-amd64
     busybox-static ethtool iproute2 python3-venv python3-dev pkg-config gcc make git
     clang libclang-rt-14-dev
+    golang-go golang-github-appc-cni-dev
+    systemd
+    prometheus
+    libvirt-daemon-system libvirt-clients
+    tcpdump tshark
 )
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }

@@ -7,9 +7,13 @@ server and the flood reader count too.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
+import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,14 +99,152 @@ def memory_mib(pid: int) -> dict[str, float]:
     return out
 
 
+def smaps_breakdown(pid: int) -> dict[str, float]:
+    """Resident MiB by what the pages are, from /proc/PID/smaps (one line per mapping):
+    the UMEM (anonymous, exactly one queue's size; the kernel pins it whole),
+    thread stacks (anonymous, the stack rlimit's size), the malloc heap, other
+    anonymous memory (Python's object arenas, large mallocs), guest memory
+    (memfd), BPF maps (held's mmap), libpython, OpenSSL (asyncio imports ssl),
+    LLVM/clang/bcc (must be 0 now), other shared libraries and Python extension
+    modules, the rest."""
+    umem = NFRAMES * FRAME_SIZE // 1024
+    stack = resource.getrlimit(resource.RLIMIT_STACK)[0] // 1024  # the daemon inherits it
+    out: dict[str, float] = {}
+    size = 0
+    name = ""
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if not parts[0].endswith(":"):  # a mapping's header: range perms off dev inode [path]
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                size, name = (hi - lo) // 1024, " ".join(parts[5:])
+                continue
+            if parts[0] != "Rss:":
+                continue
+            kb = int(parts[1])
+            base = os.path.basename(name)
+            if not name:  # a thread's stack: the rlimit's size less its guard page(s)
+                what = ("umem" if size == umem else "thread stacks"
+                        if stack - 64 <= size <= stack else "anon (Python objects, mallocs)")
+            elif name == "[heap]":
+                what = "heap (malloc)"
+            elif name.startswith("/memfd:") or name.endswith("(deleted)"):
+                what = "guest memory (memfd)"
+            elif name.startswith("anon_inode:bpf"):
+                what = "bpf maps"
+            elif base.startswith("libpython"):
+                what = "libpython"
+            elif base.startswith(("libcrypto", "libssl", "_ssl")):
+                what = "OpenSSL"
+            elif base.startswith(("libLLVM", "libclang", "libbcc")):
+                what = "LLVM/clang/bcc"
+            elif ".so" in base:
+                what = "other libraries and extensions"
+            else:
+                what = "other"
+            out[what] = out.get(what, 0.0) + kb / 1024
+    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+# What the daemon imports, in the order it does, and what each adds to a fresh
+# interpreter's RSS (import order matters: shared dependencies count once).
+IMPORTS = ("asyncio", "gateway._native", "pyroute2", "netaddr", "click", "gateway.api",
+           "gateway.control", "gateway.linkwatch", "gateway.daemon", "gateway.cli",
+           "prometheus_client", "gateway.metrics")
+_PROBE = """
+import importlib, json, sys
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+out = {"interpreter": rss()}
+for m in sys.argv[1:]:
+    before = rss()
+    importlib.import_module(m)
+    out[m] = rss() - before
+print(json.dumps(out))
+"""
+
+
+def import_breakdown() -> dict[str, float]:
+    """MiB each of the daemon's imports adds, measured in a fresh interpreter."""
+    r = subprocess.run([sys.executable, "-c", _PROBE, *IMPORTS], capture_output=True,
+                       text=True, check=True)
+    return {k: round(v, 2) for k, v in json.loads(r.stdout).items()}
+
+
+def startup_and_rss(nic: str) -> dict:
+    """The start-up time from `gateway daemon` to the first attach completing, and
+    RSS with no device, after the first attach and after the second (no guests).
+
+    daemon_ready_s: process start to its "ready" line (imports, link watch,
+    control socket); first_attach_s: the CLI's `attach` from start to reply,
+    which includes the XDP compile in a child process (compile_s, from the
+    daemon's log) and the CLI's own Python start-up; start_to_first_attach_s:
+    the two in a row, what an operator waits for."""
+    with tempfile.TemporaryDirectory(prefix="gw-footprint-") as tmp:
+        t0 = time.monotonic()
+        d = Daemon(os.path.join(tmp, "run"), os.path.join(tmp, "state")).start()
+        try:
+            ready = time.monotonic() - t0
+            pid = d.proc.pid
+            time.sleep(SETTLE)
+            base = memory_mib(pid)
+            base_parts = smaps_breakdown(pid)
+            t1 = time.monotonic()
+            attach(d, nic, "su0", "52:54:00:be:02:00")
+            first_attach = time.monotonic() - t1
+            time.sleep(SETTLE)
+            first = memory_mib(pid)
+            first_parts = smaps_breakdown(pid)
+            attach(d, nic, "su1", "52:54:00:be:02:01")
+            time.sleep(SETTLE)
+            second = memory_mib(pid)
+            compile_s = None
+            for line in d.log:
+                if "XDP program compiled in" in line:
+                    compile_s = float(line.split("compiled in")[1].split()[0])
+        finally:
+            d.stop()
+    return {
+        "daemon_ready_s": ready,
+        "first_attach_s": first_attach,
+        "start_to_first_attach_s": ready + first_attach,
+        "compile_s": compile_s,
+        "no_device_mib": base["VmRSS"],
+        "first_attach_mib": first["VmRSS"],
+        "second_attach_mib": second["VmRSS"],
+        "no_device_pss_mib": base["Pss"],
+        "first_attach_pss_mib": first["Pss"],
+        "no_device_breakdown_mib": base_parts,
+        "first_attach_breakdown_mib": first_parts,
+    }
+
+
+def print_startup(s: dict) -> None:
+    compile_s = "?" if s["compile_s"] is None else f"{s['compile_s']:.2f}"
+    lo, hi = s.get("start_to_first_attach_s_range", (s["start_to_first_attach_s"],) * 2)
+    print(f"start-up (median of {s.get('runs', 1)}): daemon ready in {s['daemon_ready_s']:.2f} s,"
+          f" first attach (CLI, XDP compile {compile_s} s in a child) "
+          f"{s['first_attach_s']:.2f} s: {s['start_to_first_attach_s']:.2f} s ({lo:.2f}-"
+          f"{hi:.2f}) from `gateway daemon` to the first device")
+    print(f"RSS: {s['no_device_mib']:.1f} MiB with no device, {s['first_attach_mib']:.1f} MiB "
+          f"after the first attach, {s['second_attach_mib']:.1f} MiB after the second "
+          f"(PSS {s['no_device_pss_mib']:.1f} / {s['first_attach_pss_mib']:.1f})")
+    for title, key in (("no device", "no_device_breakdown_mib"),
+                       ("first attach", "first_attach_breakdown_mib")):
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in s[key].items() if v >= 0.05)
+        print(f"  {title}: {parts}")
+
+
 def rss_per_device(n: int = 8) -> dict:
     """Daemon memory with 0 devices, then 1 and `n` on one NIC, each with a connected guest.
 
     Counted: the daemon's resident pages (VmRSS). The UMEM (one per NIC queue,
     shared by the devices on it) is pinned by the kernel, so all of it is
     resident from the first attach: reported as umem_mib, in no device's share.
-    The first attach also compiles and loads the XDP program (bcc/LLVM), a
-    one-time cost (one_time_mib) that is no device's either, which is why
+    The first attach also has one-time costs (one_time_mib: the NIC's threads,
+    the flood tap, the held map's page; bcc/LLVM no more, they stay in the
+    compiler process) that are no device's either, which is why
     per_device_mib is the marginal cost, (total - first) / (n - 1), and
     avg_per_device_mib, (total - base - UMEM) / n, charges it to the n devices.
     Guest memory (the front-end's memfd, mapped by the daemon) counts only for
@@ -136,6 +278,49 @@ def rss_per_device(n: int = 8) -> dict:
     }
 
 
+def startup_runs(nic: str, runs: int) -> dict:
+    """startup_and_rss `runs` times: the median of each figure, the range of the times
+    (start-up swings with whatever else the machine runs; RSS hardly moves)."""
+    all_runs = [startup_and_rss(nic) for _ in range(runs)]
+    out = dict(all_runs[len(all_runs) // 2])
+    for key in ("daemon_ready_s", "first_attach_s", "start_to_first_attach_s", "compile_s",
+                "no_device_mib", "first_attach_mib", "second_attach_mib"):
+        values = [r[key] for r in all_runs if r[key] is not None]
+        if values:
+            out[key] = statistics.median(values)
+            out[key + "_range"] = (min(values), max(values))
+    out["runs"] = runs
+    return out
+
+
+def footprint(devices: int = 8, runs: int = 3) -> dict:
+    """Start-up time and RSS (startup_and_rss, `runs` times), the import breakdown
+    and RSS per device (rss_per_device): `./run.sh bench --footprint-only` prints
+    this alone."""
+    with topology() as topo:
+        out = {"startup": startup_runs(topo.nic, runs)}
+    out["imports_mib"] = import_breakdown()
+    out["rss"] = rss_per_device(devices)
+    return out
+
+
+def print_footprint(out: dict) -> None:
+    print_startup(out["startup"])
+    print("  imports, MiB each adds to a fresh interpreter: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in out["imports_mib"].items()))
+    m = out["rss"]
+    print(f"  with guests connected: {m['base_mib']:.1f} MiB with no device, "
+          f"{m['first_mib']:.1f} with one, {m['total_mib']:.1f} with {m['devices']}; UMEM "
+          f"{m['umem_mib']:.0f} MiB per NIC queue, one-time {m['one_time_mib']:.1f} MiB, per "
+          f"further device {m['per_device_mib']:.2f} MiB")
+
+
 if __name__ == "__main__":
-    print("idle cpu", idle_cpu(float(sys.argv[1]) if len(sys.argv) > 1 else 10))
-    print("rss", rss_per_device())
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--idle-seconds", type=float, default=10.0)
+    ap.add_argument("--devices", type=int, default=8)
+    ap.add_argument("--no-idle", dest="idle", action="store_false", help="memory only")
+    args = ap.parse_args()
+    if args.idle:
+        print("idle cpu", idle_cpu(args.idle_seconds))
+    print_footprint(footprint(args.devices))

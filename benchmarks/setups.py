@@ -30,6 +30,28 @@ SOURCE_CPU = 1
 GUEST_MAC = "52:54:00:be:00:01"
 
 
+SHORT_SLICE_NS = 100_000
+_SYS_SCHED_SETATTR = 314  # x86_64
+
+
+def short_slice(pid: int, slice_ns: int = SHORT_SLICE_NS) -> int:
+    """Give every thread of `pid` a short EEVDF slice (SCHED_OTHER with
+    sched_runtime, kernel 6.12+), as `chrt --other --sched-runtime` would.
+    Two busy-polling tasks sharing a CPU (a traffic source and a guest) then
+    take turns every ~100 us instead of every ~3 ms, so the frames one
+    produces while the other waits fit in the rings between them. Returns
+    how many threads took it. pid 0: the calling thread only."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.create_string_buffer(struct.pack("IIQiIQQQ", 48, 0, 0, 0, 0, slice_ns, 0, 0))
+    done = 0
+    for tid in os.listdir(f"/proc/{pid}/task") if pid else ["0"]:  # 0: this thread
+        done += libc.syscall(_SYS_SCHED_SETATTR, int(tid), attr, 0) == 0
+    return done
+
+
 def lcores(cpu: int, workers: int = 1) -> str:
     """testpmd --lcores: the main lcore and `workers` forwarding lcores, all on `cpu`."""
     return ",".join(f"{i}@{cpu}" for i in range(workers + 1))
@@ -81,8 +103,84 @@ def serve_testpmd(topo, queue_pairs: int = 1) -> Iterator[str]:
                         [FORWARDER_CPU, *forwarder_cpus(queue_pairs)])), nb_cores=queue_pairs,
                     queues=queue_pairs, args=["--forward-mode=io"]) as fwd:
         fwd.wait_ready()
+        retry(fwd)
+        LAST_TESTPMD_ARGV[:] = fwd.argv
         fwd.start()
         yield sock
+
+
+LAST_TESTPMD_ARGV: list[str] = []  # for the benchmark's record of command lines
+
+
+def retry(fwd: tp.Testpmd) -> None:
+    """DPDK at its best for vhost: a burst the guest ring cannot take now is
+    retried (64 x 1 us, testpmd's defaults) instead of dropped at once, so
+    frames wait in the AF_XDP ring as the gateway lets them wait."""
+    fwd.cmd("set fwd io retry")
+
+
+_devices: list = []  # the gateway devices serve_many runs now (worker_counters)
+
+
+@contextlib.contextmanager
+def serve_many(setup: str, topos: list) -> Iterator[tuple[list[str], int | None]]:
+    """One forwarder for several devices, each on its own topology's NIC, as an
+    operator would run them: one gateway (its workers all on FORWARDER_CPU),
+    or one testpmd whose single forwarding lcore serves every vhost/af_xdp
+    port pair (io mode, paired ports). Yields the sockets and testpmd's pid
+    (None for the gateway, which runs in this process)."""
+    if setup.startswith("gateway"):
+        with contextlib.ExitStack() as stack:
+            pin_workers([FORWARDER_CPU])
+            stack.callback(pin_workers, [])
+            with pinned(FORWARDER_CPU):
+                service = VhostService().start()
+                stack.callback(service.stop)
+                registry, socks = Registry(), []
+                for i, topo in enumerate(topos):
+                    nic = Nic(topo.nic)
+                    stack.callback(nic.close)
+                    port = XdpPort(nic, f"bench{i}", GUEST_MAC)
+                    stack.callback(port.close)
+                    dev = registry.create(f"bench{i}", port)
+                    _devices.append(dev)
+                    stack.callback(_devices.remove, dev)
+                    socks.append(_sock(f"gateway{i}.sock"))
+                    service.listen(dev, socks[-1])
+            yield socks, None
+        return
+    socks = [_sock(f"testpmd{i}.sock") for i in range(len(topos))]
+    vdevs = []
+    for i, (sock, topo) in enumerate(zip(socks, topos, strict=True)):
+        vdevs += [f"net_vhost{i},iface={sock},queues=1",
+                  f"net_af_xdp{i},iface={topo.nic},queue_count=1"]
+    with tp.Testpmd(vdev=vdevs[0], eal_args=[a for v in vdevs[1:] for a in ("--vdev", v)],
+                    lcores=f"0@{FORWARDER_CPU},1@{FORWARDER_CPU}", nb_cores=1,
+                    args=["--forward-mode=io", "--port-topology=paired"]) as fwd:
+        fwd.wait_ready()
+        retry(fwd)
+        fwd.start()
+        yield socks, fwd.proc.pid
+
+
+def set_wake_ahead(on: bool) -> None:
+    """Switch wake-ahead on or off in the running gateway workers of serve_many
+    (an A/B within one run: latency(ab=...))."""
+    for dev in _devices:
+        for w, _ in dev.workers.values():
+            w.wake_ahead = on
+
+
+def worker_counters() -> dict[str, int]:
+    """Summed over the live gateway workers of serve_many: sleeps, early wake-ups
+    ahead of a predicted burst, and how many of those the burst then hit."""
+    out = {"sleeps": 0, "early_wakes": 0, "early_hits": 0}
+    for dev in _devices:
+        for w, _ in dev.workers.values():
+            for k in ("sleeps", "early_wakes", "early_hits"):
+                out[k] += getattr(w, k)
+            out["gap_us"], out["dev_us"] = w.arrivals.gap / 1e3, w.arrivals.dev / 1e3
+    return out
 
 
 # gateway-packed: the same server; only the guest's rings differ (bench.guest)

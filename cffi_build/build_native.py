@@ -18,15 +18,16 @@ XSK_C_PART = XSK_H[XSK_H.index("/* GW_XSK_C_PART"):]
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "gw_ring.h").read_text())
 ffibuilder.cdef(XSK_H)
+ffibuilder.cdef((HERE / "gw_capture.h").read_text())
 ffibuilder.cdef((HERE / "gw_xskq.h").read_text())
 ffibuilder.cdef((HERE / "gw_offload.h").read_text())
 ffibuilder.set_source(
     "gateway._native",
     '#include <stdint.h>\n#include "gw_ring.h"\n'
     "#include <linux/bpf.h>\n#include <linux/if_xdp.h>\n#include <xdp/xsk.h>\n" + XSK_C_PART
-    + '\n#include "gw_xskq.h"\n#include "gw_offload.h"\n',
+    + '\n#include "gw_capture.h"\n#include "gw_xskq.h"\n#include "gw_offload.h"\n',
     sources=[str((HERE / n).relative_to(HERE.parent))
-             for n in ("gw_ring.c", "gw_xsk.c", "gw_xskq.c", "gw_offload.c")],
+             for n in ("gw_ring.c", "gw_xsk.c", "gw_xskq.c", "gw_offload.c", "gw_capture.c")],
     include_dirs=[str(HERE.relative_to(HERE.parent))],
     libraries=["xdp", "bpf"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],

@@ -1,4 +1,7 @@
 /* AF_XDP <-> virtqueue bursts (contract in gw_xskq.h). */
+#define _GNU_SOURCE  /* ppoll */
+#include <errno.h>
+#include <poll.h>
 #include <sched.h>
 #include <stdint.h>
 #include <string.h>
@@ -8,7 +11,9 @@
 #include <xdp/xsk.h>
 
 #include "gw_ring.h"
+#include "gw_capture.h"
 #include "gw_xskq.h"
+#include "gw_capture_hook.h"
 #include "gw_offload.h"
 
 /* From gw_xsk.c (their contract is in gw_xsk.h, below GW_XSK_C_PART). */
@@ -197,7 +202,7 @@ static uint32_t push_vlan(uint8_t *f, uint32_t len, unsigned vid)
    is built VLAN_HLEN bytes into its frame when vid is set, for its tag. */
 static void send_gso(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
                      const uint8_t *f, uint32_t len, const struct gw_net_hdr *h,
-                     struct gw_local *local, unsigned vid)
+                     struct gw_local *local, unsigned vid, struct gw_cap *cap)
 {
     unsigned room = vid ? VLAN_HLEN : 0;
     __u64 segs[GW_GSO_MAX_SEGS], wire[GW_GSO_MAX_SEGS], spare[GW_GSO_MAX_SEGS];
@@ -231,6 +236,8 @@ static void send_gso(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod 
     for (unsigned i = 0; i < k; i++) {
         uint8_t *out = u->area + segs[i] + room;
         uint32_t l = gw_gso_segment(f, &plan, i, out);
+        if (cap)
+            gw_cap_put(cap, GW_CAP_TX, out, l, 0);   /* each segment, untagged */
         if (keep_local(local, out, l)) {
             spare[s++] = segs[i];
         } else {
@@ -252,6 +259,7 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
     uint8_t hdrs[MAX_BURST * 12];
     unsigned k, w = 0, s = 0, vid = local ? local->vlan & 0xfff : 0;
     unsigned room = vid ? VLAN_HLEN : 0;   /* in front of the guest frame, for its tag */
+    struct gw_cap *cap;
     int got;
 
     if (vq->error)
@@ -270,6 +278,7 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
     got = gw_vq_tx_burst(vq, u->area, (const uint64_t *)dst, (uint32_t)u->frame_size - room,
                          lens, k);
     vq->hdrs = NULL;
+    cap = gw_cap_enter(local);   /* NULL unless someone captures: one load */
     for (unsigned i = 0; i < k; i++) {
         uint8_t *f = (int)i == vq->big_slot ? vq->big : u->area + dst[i];
         struct gw_net_hdr h = { 0 };
@@ -283,7 +292,7 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
         if (h.gso_type != GW_NET_HDR_GSO_NONE) {
             transmit_or_free(u, tx, fd, wire, wire_lens, w);
             w = 0;
-            send_gso(vq, u, tx, fd, f, lens[i], &h, local, vid);
+            send_gso(vq, u, tx, fd, f, lens[i], &h, local, vid, cap);
             spare[s++] = addrs[i];
             continue;
         }
@@ -302,6 +311,8 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
             }
             vq->tx_csum++;
         }
+        if (cap)   /* as it leaves the guest's device: checksummed, untagged */
+            gw_cap_put(cap, GW_CAP_TX, f, lens[i], 0);
         if (!keep_local(local, f, lens[i])) {
             wire[w] = addrs[i];
             wire_lens[w++] = vid ? push_vlan(u->area + addrs[i], lens[i], vid) : lens[i];
@@ -309,6 +320,8 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
             spare[s++] = addrs[i];
         }
     }
+    if (cap)
+        gw_cap_leave(local);
     transmit_or_free(u, tx, fd, wire, wire_lens, w);
     give_frames(u, spare, s);
     return got;
@@ -402,8 +415,9 @@ unsigned gw_xsk_tx_drain(struct gw_umemq *u, struct xsk_ring_prod *tx, int fd, i
     return back;
 }
 
-int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *rx, unsigned n,
-                    uint64_t *held)
+/* gw_xsk_to_guest, with what reaches the guest captured through local's hook. */
+static int to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *rx, unsigned n,
+                    uint64_t *held, struct gw_local *local)
 {
     __u64 offs[MAX_BURST];
     uint32_t lens[MAX_BURST], pos[MAX_BURST], idx, k, g = 0, used;
@@ -438,6 +452,14 @@ int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *
         }
         for (int i = 0; i < got; i++)
             vq->rx_csum_valid += flags[i] != 0;
+        if (got > 0) {
+            struct gw_cap *cap = gw_cap_enter(local);   /* one load when nobody captures */
+            if (cap) {
+                for (int i = 0; i < got; i++)
+                    gw_cap_put(cap, GW_CAP_RX, u->area + offs[i], lens[i], 0);
+                gw_cap_leave(local);
+            }
+        }
     }
     /* The ring is consumed in order: up to the first good frame the guest had
        no buffer for (the rest waits), bad descriptors before it included. */
@@ -454,6 +476,12 @@ int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *
     refill_locked(u);
     unlock(u);
     return got;
+}
+
+int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *rx, unsigned n,
+                    uint64_t *held)
+{
+    return to_guest(vq, u, rx, n, held, NULL);
 }
 
 int gw_xsk_send(struct gw_umemq *u, struct xsk_ring_prod *tx, int fd, const uint8_t *base,
@@ -491,13 +519,46 @@ static uint64_t now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
+uint64_t gw_now_ns(void)
+{
+    return now_ns();
+}
+
+int gw_poll(const int *fds, short *revents, unsigned n, int64_t timeout_ns)
+{
+    struct pollfd pfd[GW_PUMP_MAX_RX + 8];
+    struct timespec ts, *tp = NULL;
+    int r;
+
+    if (n > sizeof(pfd) / sizeof(pfd[0]))
+        return -E2BIG;                  /* the worker polls a handful of fds */
+    for (unsigned i = 0; i < n; i++) {
+        pfd[i].fd = fds[i];
+        pfd[i].events = POLLIN;
+        pfd[i].revents = 0;
+    }
+    if (timeout_ns >= 0) {
+        ts.tv_sec = timeout_ns / 1000000000;
+        ts.tv_nsec = timeout_ns % 1000000000;
+        tp = &ts;
+    }
+    r = ppoll(pfd, n, tp, NULL);
+    if (r < 0)
+        return -errno;
+    for (unsigned i = 0; i < n; i++)
+        revents[i] = pfd[i].revents;
+    return r;
+}
+
 long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
 {
     uint64_t start = now_ns(), active = start, t;
+    uint64_t quiet = p->first_wait_ns ? p->first_wait_ns : spin_ns;
     long moved = 0;
 
     p->idle = 0;
     p->throttled = 0;
+    p->first_ns = 0;
     for (;;) {
         unsigned waiting = 0;
         int n, k = 0, r;
@@ -510,7 +571,7 @@ long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
             return -1;
         }
         for (unsigned i = 0; i < p->nrx && i < GW_PUMP_MAX_RX; i++) {
-            r = gw_xsk_to_guest(p->rxq, p->rx[i].u, p->rx[i].rx, GW_BURST, p->rx[i].held);
+            r = to_guest(p->rxq, p->rx[i].u, p->rx[i].rx, GW_BURST, p->rx[i].held, p->local);
             if (r < 0) {
                 p->broken = 2;
                 return -1;
@@ -532,9 +593,13 @@ long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
         if ((p->local && p->local->n) || __atomic_exchange_n(p->attention, 0, __ATOMIC_ACQ_REL))
             return moved;
         t = now_ns();
-        if (n || k)
+        if (n || k) {
+            if (k && !p->first_ns)      /* the wire's arrivals: what a worker predicts */
+                p->first_ns = t;
             active = t;
-        else if (t - active >= spin_ns) {
+            quiet = spin_ns;            /* after a frame: the usual window */
+        }
+        else if (t - active >= quiet) {
             p->idle = 1;
             return moved;
         }

@@ -64,6 +64,10 @@ struct gw_local {
        whose segments would be longer too. */
     uint32_t max_frame;
     uint64_t over_mtu;         /* frames dropped for max_frame */
+    /* `gateway capture` (gw_capture.h): the ring this queue pair's frames are
+       copied into, NULL when nobody captures; bursts using it count in capture_busy. */
+    struct gw_cap *capture;
+    uint32_t capture_busy;
 };
 
 /* Return completed TX frames to the pool and top up the fill ring. */
@@ -136,12 +140,19 @@ struct gw_pump {
     unsigned nrx;
     struct gw_rxsock rx[GW_PUMP_MAX_RX];
     uint32_t *attention;       /* another thread set it: return now (it is cleared) */
+    /* In: how long to poll for the first frame of this run before returning
+       idle; 0 = spin_ns. The worker sets it when it woke early, ahead of a
+       frame its arrival history says is near (worker.py, `Arrivals`). */
+    uint64_t first_wait_ns;
     /* Out. */
     unsigned waiting;          /* frames left in the RX rings: the guest had no buffers */
     int broken;                /* 1: the TX ring broke, 2: the RX ring (vq->error says how) */
     int idle;                  /* the last return was for spin_ns without a frame */
     int throttled;             /* the last pass walked far more than it moved: sleep a little */
     uint64_t passes;           /* rounds over both directions, for profiles */
+    uint64_t first_ns;         /* CLOCK_MONOTONIC when this run first moved a frame from
+                                  the wire (an RX socket) to the guest, or 0: the guest's
+                                  own frames follow the wire's or come with a kick */
 };
 
 /* Moves bursts both ways, interrupting the guest as it asks, until nothing
@@ -149,3 +160,12 @@ struct gw_pump {
    wait for Python (local->n), attention is set, or budget_ns ran out.
    Returns frames moved, or -1 if a ring broke. */
 long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns);
+
+/* poll() with a nanosecond timeout (ppoll; timeout_ns < 0: none), for a
+   worker's sleep: poll(2) rounds to milliseconds, too coarse to wake a little
+   ahead of a frame. cffi releases the GIL around it. revents[i] gets
+   fds[i]'s events. Returns the number of ready fds, 0 on timeout, -errno. */
+int gw_poll(const int *fds, short *revents, unsigned n, int64_t timeout_ns);
+
+/* CLOCK_MONOTONIC in ns, the clock of gw_pump.first_ns. */
+uint64_t gw_now_ns(void);

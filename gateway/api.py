@@ -19,8 +19,10 @@ from dataclasses import asdict, dataclass, fields
 
 import netaddr
 
+from gateway.capture import Capture, CaptureError, Captures
 from gateway.datapath.port import FRAME_SIZE
 from gateway.datapath.xdp_port import VLAN_HLEN, XdpPort
+from gateway.libvirt_xml import access_note, domain_parts, qemu_user
 from gateway.registry import NAME_RE, Registry
 from gateway.vhost.device import VhostDevice
 from gateway.vhost.transport import SocketInUse, VhostService, check_socket_path
@@ -96,17 +98,6 @@ def qemu_args(a: Attachment) -> list[str]:
     ]  # fmt: skip
 
 
-def libvirt_xml(a: Attachment) -> str:
-    mode = "server" if a.mode == "client" else "client"  # libvirt names QEMU's side
-    driver = f"\n  <driver queues='{a.queues}'/>" if a.queues > 1 else ""
-    return (
-        "<memoryBacking>\n  <source type='memfd'/>\n  <access mode='shared'/>\n</memoryBacking>\n"
-        f"<interface type='vhostuser'>\n  <mac address='{a.mac}'/>\n"
-        f"  <source type='unix' path='{a.socket}' mode='{mode}'/>\n"
-        f"  <model type='virtio'/>{driver}\n</interface>"
-    )
-
-
 class Gateway:
     def __init__(self, run_dir: str, state_dir: str | None = None) -> None:
         self.run_dir, self.state_dir = run_dir, state_dir
@@ -118,12 +109,18 @@ class Gateway:
         # (deleted, or absent at start): re-attached when a NIC of that name appears
         self.pending: dict[str, tuple[Attachment, str]] = {}
         self.nics_down: set[str] = set()
+        self.captures = Captures()  # `gateway capture`: at most one per device
         self.lock = threading.RLock()  # metrics scrapes read while requests change things
 
     # -- attach / detach ---------------------------------------------------------
 
-    def check(self, a: Attachment) -> link.LinkInfo:
-        """Everything attach needs, checked before anything changes."""
+    def check(self, a: Attachment, *, beside: list[Attachment] | None = None,
+              freed: frozenset[str] = frozenset()) -> link.LinkInfo:
+        """Everything attach needs, checked before anything changes.
+
+        `beside` and `freed` are for a plan checked as a whole (apply.py): the
+        devices `a` will sit beside instead of those attached now, and the
+        sockets of devices the plan detaches before attaching `a`."""
         for f in fields(a):  # requests come as JSON: types are not a given
             want = {"int": int, "bool": bool}.get(f.type, str)
             v = getattr(a, f.name)
@@ -132,7 +129,8 @@ class Gateway:
                                    f"{ {int: 'a number', bool: 'true or false'}.get(want, 'text')}")
         if not NAME_RE.match(a.name):
             raise GatewayError(f"bad name {a.name!r}: use 1-32 letters, digits, '_', '.', '-'")
-        if a.name in self.attached or a.name in self.pending:
+        others = [o for o, _, _ in self.attached.values()] if beside is None else beside
+        if a.name in {o.name for o in others} or (beside is None and a.name in self.pending):
             raise GatewayError(f"a device named {a.name} is already attached")
         if not 0 <= a.vlan <= 4094:
             raise GatewayError(f"--vlan {a.vlan} is outside 1..4094")
@@ -144,7 +142,7 @@ class Gateway:
         if src and a.vlan != src.vlan:
             raise GatewayError(f"--migrate-from {src.name}: {src.name} is on VLAN "
                                f"{src.vlan or 'none'}, not {a.vlan or 'none'}")
-        for other, _, _ in self.attached.values():
+        for other in others:
             if other.mac == a.mac and other.vlan == a.vlan and other is not src:
                 where = f"in VLAN {a.vlan}" if a.vlan else "untagged"  # other VLANs may reuse it
                 raise GatewayError(f"MAC {a.mac} is already used by {other.name} ({where})")
@@ -167,7 +165,7 @@ class Gateway:
             link.check_mtu(info, a.mtu, FRAME_SIZE, tag=VLAN_HLEN if a.vlan else 0)
         except link.LinkError as e:
             raise GatewayError(str(e)) from None
-        if a.mode == "server":
+        if a.mode == "server" and a.socket not in freed:
             try:
                 check_socket_path(a.socket)
             except SocketInUse as e:
@@ -235,12 +233,13 @@ class Gateway:
             return
         if name not in self.attached:
             raise GatewayError(f"no device named {name}")
-        self._teardown(name)
+        self._teardown(name, f"{name} was detached")
         if save:
             self._save()
         log.info("%s: detached", name)
 
-    def _teardown(self, name: str) -> None:
+    def _teardown(self, name: str, why: str) -> None:
+        self.captures.end_device(name, why)  # first: its reader gets every frame and why
         a, port, _ = self.attached.pop(name)
         for other, _, _ in self.attached.values():
             if other.migrate_from == name:  # the pair ends with its source
@@ -265,7 +264,7 @@ class Gateway:
             a, why = self.pending[name]
             d = asdict(a)
             d.update(state="pending", reason=why, features=[], qemu_args=qemu_args(a),
-                     libvirt_xml=libvirt_xml(a))
+                     libvirt_xml=domain_parts(a), libvirt_note=None)
             return d
         a, port, dev = self.attached[name]
         d = asdict(a)
@@ -278,9 +277,12 @@ class Gateway:
             bind_mode=port.mode,
             # a live migration's two devices: which one the MAC's frames go to
             migration_peer=port.twin.name if port.twin else None,
+            capture=self.captures.describe(name),
             mac_steered_here=port.steering,
             qemu_args=qemu_args(a),
-            libvirt_xml=libvirt_xml(a),
+            libvirt_xml=domain_parts(a),
+            # libvirt's QEMU user must reach our socket, or create its own (README, libvirt)
+            libvirt_note=access_note(a.socket, qemu_user(), a.mode),
         )
         return d
 
@@ -310,6 +312,35 @@ class Gateway:
             out[n]["drops"] = drops
             out[n]["offload"] = s["offload"]
         return {"devices": out}
+
+    # -- capture -------------------------------------------------------------------
+
+    @_locked
+    def capture_start(self, name: str, *, direction: str = "both", snaplen: int = 65535,
+                      buffer_kib: int = 4096, pid: int = 0, on_end=lambda reason: None
+                      ) -> Capture:
+        """Hook capture rings into device `name` (gateway/capture.py); `on_end`
+        hears why if the capture ends from this side (the device goes away)."""
+        if name not in self.attached:
+            raise GatewayError(f"no device named {name}" + (
+                " (it is waiting for its NIC)" if name in self.pending else ""))
+        try:
+            return self.captures.start(name, self.attached[name][1], direction=direction,
+                                       snaplen=snaplen, buffer_kib=buffer_kib, pid=pid,
+                                       on_end=on_end)
+        except CaptureError as e:
+            raise GatewayError(str(e)) from None
+
+    @_locked
+    def end_captures(self, reason: str) -> None:
+        """Every capture ends, its reader told why (the daemon is stopping)."""
+        for name in list(self.captures.by_device):
+            self.captures.end_device(name, reason)
+
+    @_locked
+    def capture_stop(self, cap: Capture, reason: str) -> tuple[int, int]:
+        """Unhook `cap` (its reader stopped or went away): (frames, dropped)."""
+        return self.captures.stop(cap, reason)
 
     # -- persistence and shutdown --------------------------------------------------
 
@@ -361,7 +392,7 @@ class Gateway:
             for n in names:
                 a = self.attached[n][0]
                 try:
-                    self._teardown(n)
+                    self._teardown(n, f"{ifname} was deleted")
                 except Exception:  # the kernel already took most of it with the NIC
                     log.exception("%s: teardown after %s vanished", n, ifname)
                     self.attached.pop(n, None)
@@ -399,6 +430,7 @@ class Gateway:
     def shutdown(self) -> None:
         """Undo all kernel state (the state file stays, for the next start)."""
         for name in list(self.attached):
+            self.captures.end_device(name, "the daemon is stopping")
             try:
                 self.detach(name, save=False)
             except Exception:

@@ -5,6 +5,7 @@ Every refusal is one line on stderr and exit code 2; success is exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -58,10 +59,10 @@ def preflight() -> None:
     except ImportError as e:
         fail(f"the AF_XDP extension does not load ({e}): apt-get install libxdp1 libbpf1, "
              "then reinstall gateway")
-    from gateway.xdp.program import XdpError, find_kernel_headers, import_bcc
+    from gateway.xdp.program import XdpError, bcc_available, find_kernel_headers
 
     try:
-        import_bcc()
+        bcc_available()  # not imported here: only the compiler process maps bcc/LLVM
         find_kernel_headers()
     except XdpError as e:
         fail(str(e))
@@ -91,8 +92,14 @@ def parse_cpus(text: str) -> list[int]:
 @click.option("--busy-poll-us", type=click.IntRange(0, 1_000_000), metavar="US",
               help="workers poll this long after the last frame before sleeping "
                    "[default: 50]; e.g. 20000 for DPDK-like latency, at a CPU per busy worker")
+@click.option("--config", "config_file", metavar="FILE",
+              type=click.Path(dir_okay=False),
+              help="apply this device file (as `gateway apply`) at start and on SIGHUP")
+@click.option("--wake-ahead/--no-wake-ahead", default=True, show_default=True,
+              help="wake a worker just ahead of traffic that arrives regularly (at most "
+                   "5 % of a CPU per worker)")
 def daemon(run_dir: str, state_dir: str, metrics_listen: str | None, cpus: str | None,
-           busy_poll_us: int | None) -> None:
+           busy_poll_us: int | None, config_file: str | None, wake_ahead: bool) -> None:
     """Hold every device; the other commands talk to this process."""
     cpu_list = parse_cpus(cpus) if cpus else None
     preflight()
@@ -102,7 +109,7 @@ def daemon(run_dir: str, state_dir: str, metrics_listen: str | None, cpus: str |
         logging.getLogger().setLevel(logging.INFO)  # a daemon says what it does
     try:
         run(run_dir, state_dir, metrics_listen=metrics_listen, cpus=cpu_list,
-            busy_poll_us=busy_poll_us,
+            busy_poll_us=busy_poll_us, config_file=config_file, wake_ahead=wake_ahead,
             ready=lambda msg: click.echo(msg, err=True))
     except GatewayError as e:
         fail(str(e))
@@ -151,7 +158,91 @@ def attach(run_dir, name, iface, mac, queues, server_path, client_path, mtu, all
                f"({'we connect to' if d['mode'] == 'client' else 'listening on'} {d['socket']})")
     click.echo("\nQEMU (replace <RAM> with the guest's memory size, e.g. 1G):\n  "
                + " ".join(d["qemu_args"]))
-    click.echo("\nlibvirt domain XML:\n" + d["libvirt_xml"])
+    click.echo("\nlibvirt: in the domain's XML, <memoryBacking> once and this <interface> "
+               f"('gateway xml {d['name']}' prints it alone, for virsh attach-device):\n"
+               + d["libvirt_xml"])
+    if d.get("libvirt_note"):
+        click.echo(f"\nnote: {d['libvirt_note']}")
+
+
+def queue_size(ctx, param, value):
+    from gateway.libvirt_xml import check_queue_size
+
+    if value is not None:
+        try:
+            check_queue_size(f"--{param.name.replace('_', '-')}", value)
+        except ValueError as e:
+            fail(str(e))
+    return value
+
+
+@main.command()
+@run_dir_option
+@click.argument("name", required=False)
+@click.option("--memory-backing", is_flag=True,
+              help="print the domain's <memoryBacking> element instead (shared memory, "
+                   "once per domain)")
+@click.option("--rx-queue-size", type=int, callback=queue_size, metavar="N",
+              help="virtio RX ring size: 256, 512 or 1024 [default: QEMU's, 256]")
+@click.option("--tx-queue-size", type=int, callback=queue_size, metavar="N",
+              help="virtio TX ring size: 256, 512 or 1024 [default: QEMU's, 256]")
+def xml(run_dir, name, memory_backing, rx_queue_size, tx_queue_size) -> None:
+    """libvirt's <interface> element for device NAME, e.g. for
+    'virsh attach-device DOMAIN FILE --live'."""
+    from gateway.libvirt_xml import MEMORY_BACKING, interface
+
+    if memory_backing:
+        click.echo(MEMORY_BACKING)
+        return
+    if not name:
+        fail("give a device NAME (or --memory-backing)")
+    for d in call(run_dir, "list"):
+        if d["name"] == name:
+            click.echo(interface(mac=d["mac"], socket=d["socket"], mode=d["mode"],
+                                 queues=d["queues"], rx_queue_size=rx_queue_size,
+                                 tx_queue_size=tx_queue_size))
+            if d.get("libvirt_note"):
+                click.echo(f"gateway: note: {d['libvirt_note']}", err=True)
+            return
+    fail(f"no device named {name}")
+
+
+@main.command(name="apply")
+@run_dir_option
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--dry-run", is_flag=True, help="print the plan, change nothing")
+@click.option("--json", "as_json", is_flag=True, help="print the plan and its outcome as JSON")
+def apply_(run_dir: str, file: str, dry_run: bool, as_json: bool) -> None:
+    """Bring the daemon to the devices in FILE (TOML): attach, change, detach.
+
+    Every device is checked before anything changes; a refusal is one line naming
+    FILE, the device and the field (exit 2). A failure while carrying the plan
+    out is undone (exit 1, the line says what failed and what was undone)."""
+    from gateway.apply import read, summary
+    from gateway.config import ConfigError
+    from gateway.control import MAX_REQUEST
+
+    if file == "-":
+        source, text = "<stdin>", sys.stdin.read()
+    else:
+        try:
+            source, text = file, read(file)
+        except ConfigError as e:
+            fail(str(e))
+    if len(json.dumps(text)) > MAX_REQUEST - 1024:
+        fail(f"{source}: too big for the control socket ({MAX_REQUEST // 1024} KiB a request)")
+    result = call(run_dir, "apply", text=text, source=source, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        for step in result["plan"]:
+            click.echo(step["text"])
+        if not result["error"]:
+            click.echo(summary(result))
+    if result["error"]:
+        if not as_json:
+            click.echo(f"gateway: {result['error']}", err=True)
+        sys.exit(1)
 
 
 @main.command()
@@ -211,6 +302,69 @@ def stats(run_dir: str, name: str | None, as_json: bool, watch: bool, interval: 
         click.echo(f"{dev}: rx {c['rx_packets']} pkts {c['rx_bytes']} B  "
                    f"tx {c['tx_packets']} pkts {c['tx_bytes']} B  drops: {drops}"
                    + (f"  offload: {offload}" if offload else ""))
+
+
+@main.command()
+@run_dir_option
+@click.argument("name")
+@click.option("-w", "write", metavar="FILE|-",
+              help="write pcap to FILE, or to stdout with '-' (e.g. | tcpdump -r -); "
+                   "default: print the frames with tcpdump")
+@click.option("--direction", type=click.Choice(["rx", "tx", "both"]), default="both",
+              show_default=True, help="rx: frames to the guest; tx: frames from the guest")
+@click.option("-c", "count", type=int, metavar="COUNT", help="stop after COUNT frames")
+@click.option("-s", "snaplen", type=int, default=65535, show_default=True, metavar="SNAPLEN",
+              help="bytes kept of each frame")
+@click.option("-B", "buffer_kib", type=int, default=4096, show_default=True, metavar="KIB",
+              help="capture buffer in the daemon, split over the queue pairs; frames that "
+                   "do not fit are dropped from the capture (never from the guest's traffic)")
+@click.option("--pcapng", is_flag=True,
+              help="write pcapng, each frame marked inbound (to the guest) or outbound")
+def capture(run_dir: str, name: str, write: str | None, direction: str, count: int | None,
+            snaplen: int, buffer_kib: int, pcapng: bool) -> None:
+    """Capture device NAME's frames as its guest sees them, in pcap."""
+    from gateway import capture_reader as cr
+    from gateway.capture import MAX_BUFFER_KIB, MAX_SNAPLEN
+    from gateway.control import socket_path
+
+    if count is not None and count < 1:
+        fail(f"-c {count}: give a count of at least 1")
+    if not 1 <= snaplen <= MAX_SNAPLEN:
+        fail(f"-s {snaplen} is outside 1..{MAX_SNAPLEN}")
+    if not 64 <= buffer_kib <= MAX_BUFFER_KIB:
+        fail(f"-B {buffer_kib} is outside 64..{MAX_BUFFER_KIB} (KiB)")
+    procs = []
+
+    def open_out() -> int:  # once the daemon said yes: a refusal leaves no file
+        if write is not None:
+            return cr.open_output(write)
+        procs.append(cr.decoder())
+        return procs[0].stdin.fileno()
+
+    try:
+        on = f"{name} ({'rx and tx' if direction == 'both' else direction})"
+        res = cr.capture(socket_path(run_dir), name, open_out, direction=direction, count=count,
+                         snaplen=snaplen, buffer_kib=buffer_kib, pcapng=pcapng,
+                         started=lambda: click.echo(f"gateway: capturing on {on}, snapshot "
+                                                    f"length {snaplen} bytes", err=True))
+    except (FileNotFoundError, ConnectionRefusedError):
+        fail(f"the daemon is not running (no {socket_path(run_dir)})")
+    except PermissionError:
+        fail(f"no permission on {socket_path(run_dir)}: run as root or as a member of its group")
+    except cr.CaptureFailed as e:
+        fail(str(e), e.code)
+    except KeyboardInterrupt:  # Ctrl-C before the capture began: nothing to say
+        sys.exit(130)
+    finally:
+        for proc in procs:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+            proc.wait()
+    if res.broken_pipe:
+        sys.exit(0)  # the reader went away (| head): quietly, like tcpdump
+    click.echo(cr.summary(res), err=True)
+    if res.ended:
+        fail(f"capture ended: {res.ended}", 1)
 
 
 @main.command()

@@ -214,16 +214,31 @@ def test_a_second_front_end_is_refused_while_one_is_connected(gw):
         assert port.queue(0).wait_received(3, TIMEOUT) == frames_of(3)
 
 
-def test_live_socket_path_is_not_stolen(gw, tmp_path):
+@pytest.mark.parametrize("backlog_full", [False, True], ids=["accepting", "backlog-full"])
+def test_live_socket_path_is_not_stolen(gw, tmp_path, backlog_full):
+    """A process listening on the path keeps it, even one that stopped
+    accepting: with its backlog full a blocking probe would wait for good on
+    the daemon's request thread; the probe does not block."""
     path = str(tmp_path / "taken.sock")
     other = socket.socket(socket.AF_UNIX)
     other.bind(path)
-    other.listen(1)
+    other.listen(0)
+    clients = []
     try:
+        while backlog_full:  # fill the backlog: the next connect would block
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            clients.append(c)
+            try:
+                c.connect(path)
+            except BlockingIOError:
+                break
         dev = gw.registry.create("vm9", MemoryPort())
-        with pytest.raises(SocketInUse):
+        with pytest.raises(SocketInUse, match="in use by another process"):
             gw.service.listen(dev, path)
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)  # still the other's socket
     finally:
+        for c in clients:
+            c.close()
         other.close()
 
 

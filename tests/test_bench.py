@@ -18,7 +18,11 @@ def test_benchmark_short_mode_writes_results(tmp_path):
                         "--plot", str(png), "--no-extras", "--quiet-wait", "1"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    results = json.loads(out.read_text())["results"]
+    record = json.loads(out.read_text())
+    results = record["results"]
+    # every role's exact command line is kept, so a figure can be reproduced
+    for role in ("wire->guest source", "wire->guest guest", "testpmd forwarder"):
+        assert "dpdk-testpmd" in record["commands"][role]
     seen = {(x["setup"], x["direction"], x["queues"]) for x in results}
     for direction in ("guest->wire", "wire->guest"):
         assert {(s, direction, 1) for s in ("gateway", "gateway-packed", "testpmd", "raw")} <= seen

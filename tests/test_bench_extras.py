@@ -29,6 +29,20 @@ def test_latency(setup):
 
 @needs_testpmd
 @pytest.mark.dpdk
+@pytest.mark.parametrize("setup", ["gateway", "testpmd"])
+def test_latency_with_two_devices_and_beside_a_load(setup):
+    r = latency.latency(setup, count=20, interval=0.005, devices=2)
+    assert r["sent"] == 40 and [d["sent"] for d in r["per_device"]] == [20, 20]
+    assert r["received"] == sum(d["received"] for d in r["per_device"]) > 0
+    assert r["cpu_pct"] > 0  # the forwarder's threads were found and measured
+    r = latency.latency(setup, count=20, interval=0.005, background_pps=20_000)
+    assert r["background_pps"] == 20_000 and 0 < r["received"] <= 20
+    if setup == "gateway":  # the device's worker slept between pings
+        assert r["workers"]["sleeps"] > 0
+
+
+@needs_testpmd
+@pytest.mark.dpdk
 def test_idle_cpu():
     r = footprint.idle_cpu(seconds=0.5)
     for key in ("no_guest_pct", "frontend_guest_pct", "testpmd_guest_pct"):

@@ -51,3 +51,23 @@ def test_daemon_bad_busy_poll_is_refused(tmp_path):
     result = CliRunner().invoke(main, ["daemon", "--busy-poll-us", "-5", "--run-dir",
                                        str(tmp_path)])
     assert result.exit_code == 2 and "--busy-poll-us" in result.output
+
+
+@pytest.mark.parametrize("flags, want", [([], True), (["--no-wake-ahead"], False),
+                                         (["--wake-ahead"], True)])
+def test_daemon_wake_ahead_switch_reaches_the_daemon(flags, want, tmp_path, monkeypatch):
+    import gateway.cli
+    import gateway.daemon
+
+    seen = {}
+    monkeypatch.setattr(gateway.cli, "preflight", lambda: None)
+    monkeypatch.setattr(gateway.daemon, "run", lambda *a, **kw: seen.update(kw))
+    result = CliRunner().invoke(main, ["daemon", *flags, "--run-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert seen["wake_ahead"] is want
+
+
+def test_daemon_wake_ahead_takes_no_value(tmp_path):
+    result = CliRunner().invoke(main, ["daemon", "--wake-ahead", "maybe", "--run-dir",
+                                       str(tmp_path)])
+    assert result.exit_code == 2

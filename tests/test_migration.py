@@ -36,7 +36,6 @@ from gateway.vhost.transport import VhostService
 from gateway.virtio.features import Net, Proto
 from gateway.virtio.ring import ring_sizes
 from gateway.xdp.nic import Nic
-from gateway.xdp.program import steer_key
 
 pytestmark = [
     pytest.mark.qemu,
@@ -311,8 +310,7 @@ def test_live_migration_of_a_vlan_device_keeps_tcp_and_ping(tmp_path):
 
 
 def _steered_slot(nic: Nic, mac: str, vlan: int = 0) -> int | None:
-    v = nic.program._mac2slot.get(nic.program._mac2slot.Key(steer_key(mac, vlan)))
-    return None if v is None else v.value
+    return nic.program.steered_slot(mac, vlan)
 
 
 def test_attach_migrate_from_refusals_and_the_mac_following_the_running_side(tmp_path):

@@ -10,7 +10,6 @@ import os
 import struct
 import subprocess
 import sys
-import threading
 
 import pytest
 from test_offload import (
@@ -33,6 +32,7 @@ from gateway.testing.frontend import Frontend
 from gateway.testing.guestnet import ipv4 as ip4_packet
 from gateway.testing.guestnet import mac_bytes, udp
 from gateway.testing.netns import topology
+from gateway.testing.wired import wired_guest
 from gateway.vhost.transport import VhostService
 from gateway.virtio.features import Net
 from gateway.xdp.nic import Nic
@@ -62,25 +62,8 @@ print("end", flush=True)
 
 @pytest.fixture
 def wire(tmp_path):
-    with topology() as topo:
-        nic = Nic(topo.nic)
-        service = VhostService().start()
-        started = threading.Event()
-        registry = Registry()
-        registry.register_callbacks(on_new_device=lambda d: started.set())
-        port = XdpPort(nic, "vm0", GUEST_MAC)
-        try:
-            dev = registry.create("vm0", port, max_mtu=port.max_mtu)
-            path = str(tmp_path / "vm0.sock")
-            service.listen(dev, path)
-            with Frontend(path, queue_size=256, mem_size=32 << 20) as fe:
-                fe.connect().setup()
-                assert started.wait(TIMEOUT)
-                yield topo, dev, fe
-        finally:
-            service.stop()
-            port.close()
-            nic.close()
+    with wired_guest(str(tmp_path), GUEST_MAC) as (topo, _port, dev, fe):
+        yield topo, dev, fe
 
 
 def capture(topo, ethertype: int, count: int) -> subprocess.Popen:

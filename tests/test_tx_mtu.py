@@ -11,49 +11,25 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 
 import pytest
 from test_offload import check_segments, ipv4, tcp
 from test_offload_wire import capture, captured, vnet
 
-from gateway.datapath.xdp_port import XdpPort
-from gateway.registry import Registry
-from gateway.testing.frontend import Frontend
 from gateway.testing.guestnet import mac_bytes
-from gateway.testing.netns import topology
-from gateway.vhost.transport import VhostService
-from gateway.xdp.nic import Nic
+from gateway.testing.wired import wired_guest
 
 MAC = "52:54:00:aa:00:0d"
 MTU = 1000
 MAX_FRAME = MTU + 14
 ETHERTYPE = 0x88B5  # IEEE local experimental: nothing else sends it
-TIMEOUT = 20
 
 
 @pytest.fixture(params=[0, 100], ids=["untagged", "vlan100"])
 def guest(request, tmp_path):
-    with topology() as topo:
-        nic = Nic(topo.nic)
-        service = VhostService().start()
-        started = threading.Event()
-        registry = Registry()
-        registry.register_callbacks(on_new_device=lambda d: started.set())
-        port = XdpPort(nic, "vm0", MAC, mtu=MTU, vlan=request.param)
-        try:
-            assert port.max_frame == MAX_FRAME
-            dev = registry.create("vm0", port, max_mtu=port.max_mtu)
-            path = str(tmp_path / "vm0.sock")
-            service.listen(dev, path)
-            with Frontend(path, queue_size=256, mem_size=32 << 20) as fe:
-                fe.connect().setup()
-                assert started.wait(TIMEOUT)
-                yield topo, port, dev, fe
-        finally:
-            service.stop()
-            port.close()
-            nic.close()
+    with wired_guest(str(tmp_path), MAC, mtu=MTU, vlan=request.param) as (topo, port, dev, fe):
+        assert port.max_frame == MAX_FRAME
+        yield topo, port, dev, fe
 
 
 def eth(topo, ethertype: int) -> bytes:

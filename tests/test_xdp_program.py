@@ -433,16 +433,18 @@ def test_check_mtu():
 
 
 def test_missing_headers_and_bcc_messages(monkeypatch):
-    from gateway.xdp import program
+    from gateway.xdp import _compile, program
 
     monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
     monkeypatch.delenv("GATEWAY_BPF_CFLAGS", raising=False)
-    monkeypatch.setattr(program.glob, "glob", lambda pattern: [])
-    monkeypatch.setattr(program.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(_compile.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(_compile.platform, "machine", lambda: "x86_64")
     with pytest.raises(XdpError, match="^kernel headers for bcc not found: "
                                        "apt-get install linux-headers-amd64$"):
         program.find_kernel_headers()
     monkeypatch.setitem(sys.modules, "bcc", None)
-    monkeypatch.setattr(program, "DEBIAN_BCC", "/nonexistent/bcc")
+    monkeypatch.setattr(_compile, "DEBIAN_BCC", "/nonexistent/bcc")
     with pytest.raises(XdpError, match="apt-get install python3-bpfcc"):
         import_bcc()
+    with pytest.raises(XdpError, match="apt-get install python3-bpfcc"):
+        program.bcc_available()  # the daemon's check, which imports nothing

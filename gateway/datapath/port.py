@@ -76,6 +76,11 @@ class MemoryQueue:
     def backlog(self) -> bool:
         return self._rx_count > 0
 
+    def delivered(self, k: int) -> tuple[FrameBuffer, int]:
+        """Where the `k` frames the last to_guest() delivered are: (buffer,
+        first slot), for a capture to copy them."""
+        return self._rxbuf, self._rx_next - k
+
     def send_raw(self, frames: list[bytes]) -> None:
         with self._lock:
             self._from_guest.extend(frames)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
+import time
 
 from gateway._native import ffi, lib
 from gateway.datapath.port import BURST, FRAME_SIZE, MemoryQueue
@@ -47,8 +49,8 @@ def set_busy_poll(us: int) -> None:
 
 
 class XdpQueue:
-    def __init__(self, port: XdpPort, rx: list[Sock], tx: Sock, inbox: MemoryQueue | None
-                 ) -> None:
+    def __init__(self, port: XdpPort, qp: int, rx: list[Sock], tx: Sock,
+                 inbox: MemoryQueue | None) -> None:
         self.port, self.rx, self.tx, self.inbox = port, rx, tx, inbox
         self.fds = tuple(s.fd for _, s in rx) + ((inbox.fd,) if inbox else ())
         self._backlog = False
@@ -56,6 +58,7 @@ class XdpQueue:
         self._raw: FrameBuffer | None = None
         self._attention = ffi.new("uint32_t *")
         self._pump = None
+        self.first_ns = 0  # when the last pump run first moved a frame (CLOCK_MONOTONIC)
         # where the burst copies frames for other guests on the NIC: a burst's
         # worth plus the segments of a GSO frame (pages untouched until used)
         self._local_buf = FrameBuffer(BURST + lib.GW_GSO_MAX_SEGS, FRAME_SIZE)
@@ -67,16 +70,34 @@ class XdpQueue:
         loc.own_mac, loc.check_src = mac_key(port.mac), not port.allow_spoofing
         loc.vlan = port.vlan
         loc.max_frame = port.max_frame  # the device's MTU holds on TX too
+        self.capture(port.capture_ring(qp))
 
-    def pump(self, txq: VirtQueue, rxq: VirtQueue) -> bool:
+    def capture(self, ring) -> None:
+        """Copy this queue pair's frames into `ring` (a struct gw_cap *, from
+        gateway/capture.py) from the next burst on; NULL: stop copying. After
+        stopping, `capture_busy()` says whether a burst still holds the old one."""
+        lib.gw_cap_hook(self._local, ring)
+
+    def capture_busy(self) -> bool:
+        return lib.gw_cap_busy(self._local) != 0
+
+    def pump(self, txq: VirtQueue, rxq: VirtQueue, first_wait_ns: int = 0) -> bool:
         """Bursts both ways in C until idle (see gw_pump_run); Python only runs
         for frames other guests must see, the inbox and the worker's own work.
-        False when the rings went quiet: time for the worker to sleep."""
+        False when the rings went quiet: time for the worker to sleep.
+        `first_wait_ns`: poll this long for a first frame (a worker that woke
+        ahead of one); `first_ns` then says when the run first moved one."""
         p = self._pump
         if p is None or p.txq != txq.native or p.rxq != rxq.native:
             p = self._pump = self._make_pump(txq, rxq)
         moved = self.inbox.to_guest(rxq) if self.inbox is not None else 0
+        if moved and self._local.capture != ffi.NULL:  # frames from the wire's broadcasts
+            buf, start = self.inbox.delivered(moved)  # and other guests reach it this way
+            lib.gw_cap_frames(self._local, lib.GW_CAP_RX, buf.base, buf.offs + start,
+                              buf.lens + start, moved)
+        p.first_wait_ns = first_wait_ns
         r = lib.gw_pump_run(p, _spin_ns[0], max(BUDGET_NS, _spin_ns[0]))
+        self.first_ns = p.first_ns
         if r < 0:
             (txq if p.broken == 1 else rxq).check(-1)
         if self._local.n:  # guest frames other guests must see
@@ -145,6 +166,10 @@ class XdpPort:
         self.queue_pairs, self.mtu = queue_pairs, mtu
         self.allow_spoofing = allow_spoofing  # else frames from other source MACs are dropped
         self._queues: dict[int, XdpQueue] = {}
+        # `gateway capture`: one ring per queue pair while a capture runs (capture.py);
+        # the lock orders hooking with queues being created on other threads
+        self._capture: list | None = None
+        self._capture_lock = threading.Lock()
         self.slot = nic.free_slot()
         self.sockets: dict[int, Sock] = {}
         # per NIC queue: the socket's rx_dropped + rx_ring_full already taken off
@@ -194,13 +219,39 @@ class XdpPort:
     def queue(self, qp: int) -> XdpQueue:
         """The same object for every worker of this queue pair, so its counters
         outlive a front-end's reconnection."""
-        if qp not in self._queues:
-            n, p = self.nic.nqueues, self.queue_pairs
-            self._queues[qp] = XdpQueue(self, [self.sockets[q] for q in range(n) if q % p == qp],
-                                        self.sockets[qp % n], self.inbox if qp == 0 else None)
-            if qp == 0:
-                self._inbox_reader = self._queues[qp]
-        return self._queues[qp]
+        with self._capture_lock:
+            if qp not in self._queues:
+                n, p = self.nic.nqueues, self.queue_pairs
+                self._queues[qp] = XdpQueue(self, qp,
+                                            [self.sockets[q] for q in range(n) if q % p == qp],
+                                            self.sockets[qp % n], self.inbox if qp == 0 else None)
+                if qp == 0:
+                    self._inbox_reader = self._queues[qp]
+            return self._queues[qp]
+
+    def capture_ring(self, qp: int):
+        """The capture ring queue pair `qp` copies its frames into, or NULL."""
+        return self._capture[qp] if self._capture is not None else ffi.NULL
+
+    def set_capture(self, rings: list | None, wait: float = 1.0) -> bool:
+        """Hook one capture ring per queue pair (None: unhook). Unhooking waits
+        up to `wait` s for bursts still holding a ring; False if one did not
+        let go, and then the rings must stay mapped."""
+        if rings is not None and len(rings) != self.queue_pairs:
+            raise ValueError(f"{len(rings)} capture rings for {self.queue_pairs} queue pairs")
+        with self._capture_lock:
+            self._capture = rings
+            queues = list(self._queues.items())
+            for qp, q in queues:
+                q.capture(self.capture_ring(qp))
+        if rings is not None:
+            return True
+        deadline = time.monotonic() + wait
+        while any(q.capture_busy() for _, q in queues):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0005)  # a burst takes microseconds
+        return True
 
     def set_running(self, running: bool) -> None:
         """Frames for a stopped device are dropped (and counted) by the XDP program

@@ -324,13 +324,17 @@ def check_socket_path(path: str) -> bool:
         raise SocketInUse(f"{path} is a symbolic link: give the real path")
     if not stat.S_ISSOCK(st.st_mode):
         raise SocketInUse(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Non-blocking: a listener whose backlog is full (a process that stopped
+    # accepting) makes a blocking connect() wait for good, and this runs on the
+    # daemon's one request thread. EAGAIN means somebody listens there.
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         probe.connect(path)
     except OSError as e:
-        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return True
+        if e.errno != errno.EAGAIN:
             raise
-        return True
     finally:
         probe.close()
     raise SocketInUse(f"{path} is in use by another process")

@@ -1,4 +1,4 @@
-"""Load gateway's XDP program (bpf/gateway_xdp.c) with bcc and drive its maps.
+"""gateway's XDP program (bpf/gateway_xdp.c): compiled by bcc in a child process, driven here.
 
     prog = XdpProgram("eth1", max_devices=64, max_queues=16)   # compiles (~0.5-3 s)
     prog.attach()                      # native, else generic; refuses a foreign program
@@ -6,6 +6,15 @@
     prog.set_socket(0, queue, xsk_fd)  # one AF_XDP socket per NIC RX queue
     prog.counters(0), prog.global_counters()
     prog.detach(); prog.close()
+
+Loading: XdpProgram() starts `python -m gateway.xdp._compile` (see there), which
+imports bcc, compiles the C source, has bcc create the maps and load the program,
+sends the program's and the maps' fds back over a unix socket (SCM_RIGHTS) and
+exits. This process never imports bcc, so LLVM (~60 MiB resident once mapped, ~30
+MiB more of heap after a compile) is never part of the daemon. The fds are
+checked against the kernel's own description of them (program type and name, each
+map's type, key/value size, entries) before use. Attach/detach and map access go
+through libbpf (maps.py).
 
 Where the C source is found (first hit wins): $GATEWAY_BPF_SOURCE; `gateway_xdp.c` next to
 this module (package data, for wheels that ship it); the source checkout's
@@ -23,20 +32,37 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
-import glob
-import importlib.util
+import json
 import mmap
 import os
 import platform
-import shlex
+import select
+import socket
+import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from gateway._native import ffi
 from gateway.xdp import link as _link
+from gateway.xdp import maps as _maps
+from gateway.xdp._compile import (  # noqa: F401  (re-exported: the environment checks)
+    DEBIAN_BCC,
+    ENV_BPF_SOURCE,
+    ENV_CFLAGS,
+    ENV_SOURCE,
+    MAPS,
+    MAX_MESSAGE,
+    PROG_NAME,
+    XdpError,
+    bcc_available,
+    bpf_source,
+    find_kernel_headers,
+    import_bcc,
+)
 
-PROG_NAME = "gateway_xdp"
 MAP_NAMES = frozenset({"mac2slot", "devices", "xsks", "counters", "gcounters"})
 # A stale program is recognised by these names; "held" (newer) is not required.
 COUNTERS = ("rx_packets", "rx_bytes", "drop_no_socket", "drop_stopped", "drop_too_big",
@@ -52,99 +78,12 @@ XDP_FLAGS_HW_MODE = 1 << 3
 _MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE,
                "offload": XDP_FLAGS_HW_MODE}
 
-ENV_SOURCE = "BCC_KERNEL_SOURCE"
-ENV_CFLAGS = "GATEWAY_BPF_CFLAGS"
-ENV_BPF_SOURCE = "GATEWAY_BPF_SOURCE"
-
-
-class XdpError(Exception):
-    """The XDP program cannot be built, attached or driven."""
-
-
-# ------------------------------------------------------------------ environment
-
-
-DEBIAN_BCC = "/usr/lib/python3/dist-packages/bcc"
-
-
-def import_bcc():
-    """The `bcc` module, or an XdpError that says how to get it.
-
-    bcc is not on PyPI (that name is another project), so a venv usually lacks
-    it: then Debian's pure-Python package is loaded from its own directory,
-    without putting all of dist-packages (Debian's cffi, ...) on sys.path."""
-    try:
-        import bcc
-        return bcc
-    except ImportError as e:
-        first = e
-    init = os.path.join(DEBIAN_BCC, "__init__.py")
-    if os.path.isfile(init):
-        spec = importlib.util.spec_from_file_location(
-            "bcc", init, submodule_search_locations=[DEBIAN_BCC])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bcc"] = module
-        try:
-            spec.loader.exec_module(module)
-            return module
-        except Exception as e:
-            del sys.modules["bcc"]
-            first = e
-    raise XdpError(f"cannot import bcc ({first}): apt-get install python3-bpfcc "
-                   "(bcc is not on PyPI)")
-
-
-def find_kernel_headers() -> tuple[str, list[str]]:
-    """(BCC_KERNEL_SOURCE directory, extra clang flags) for compiling the program.
-
-    Debian's linux-headers-amd64 splits the headers in two: /usr/src/linux-headers-V-common
-    (kconfig.h, what bcc wants as its kernel source) and /usr/src/linux-headers-V-amd64
-    (generated headers, passed with -I). $BCC_KERNEL_SOURCE and $GATEWAY_BPF_CFLAGS win when
-    set. XDP needs only UAPI headers, so headers older than the running kernel do.
-    """
-    env_src, env_cflags = os.environ.get(ENV_SOURCE), os.environ.get(ENV_CFLAGS)
-    if env_src and env_cflags is not None:
-        return env_src, shlex.split(env_cflags)
-    arch_dir = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), "amd64")
-    kernel_arch = {"amd64": "x86", "arm64": "arm64"}[arch_dir]
-    found = None
-    for common in sorted(glob.glob("/usr/src/linux-headers-*-common"), key=_version_key):
-        arch = common[: -len("-common")] + f"-{arch_dir}"
-        if os.path.isdir(arch) and os.path.exists(os.path.join(common, "include/linux/kconfig.h")):
-            found = common, arch
-    if found is None:
-        if env_src:
-            return env_src, []
-        raise XdpError("kernel headers for bcc not found: "
-                       f"apt-get install linux-headers-{arch_dir}")
-    common, arch = found
-    cflags = [f"-I{arch}/{d}" for d in (f"arch/{kernel_arch}/include/generated", "include",
-                                        f"arch/{kernel_arch}/include/generated/uapi",
-                                        "include/generated/uapi")]
-    if env_cflags is not None:
-        cflags = shlex.split(env_cflags)
-    return env_src or common, cflags
-
-
-def _version_key(path: str) -> list:
-    return [int(p) if p.isdigit() else p for p in
-            path.replace("-", ".").split(".")]
-
-
-def bpf_source() -> Path:
-    """Path of gateway_xdp.c (see the module docstring for the search order)."""
-    env = os.environ.get(ENV_BPF_SOURCE)
-    if env:
-        p = Path(env)
-        if not p.is_file():
-            raise XdpError(f"${ENV_BPF_SOURCE}={env} is not a file")
-        return p
-    here = Path(__file__).resolve().parent
-    for p in (here / "gateway_xdp.c", here.parent.parent / "bpf" / "gateway_xdp.c"):
-        if p.is_file():
-            return p
-    raise XdpError(f"bpf/gateway_xdp.c not found next to the gateway package ({here}): "
-                   f"set ${ENV_BPF_SOURCE} to its path")
+COMPILE_TIMEOUT = 300.0  # s for the compiler process; a compile takes ~0.5-3 s here
+_PKG_ROOT = str(Path(__file__).resolve().parents[2])  # holds the gateway package we run
+# The child imports the same gateway package as this process, whatever sys.path
+# tricks brought it here; -P keeps the working directory off its path.
+_CHILD = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+          "from gateway.xdp._compile import main; sys.exit(main(sys.argv[1:]))")
 
 
 # ------------------------------------------------------------------ bpf(2) program info
@@ -293,7 +232,136 @@ def is_unicast(mac: str) -> bool:
     return not (mac_key(mac) >> 40) & 1
 
 
+# ------------------------------------------------------------------ the compiler process
+
+
+def expected_maps(max_devices: int, max_queues: int) -> dict[str, tuple[int, int, int, int]]:
+    """name -> (map type, key size, value size, max entries), as bpf/gateway_xdp.c
+    declares them for these sizes: what a received map fd must be."""
+    slots = max_devices * max_queues
+    return {
+        "mac2slot": (_maps.MAP_HASH, 8, 4, max_devices),
+        "devices": (_maps.MAP_ARRAY, 4, 16, max_devices),
+        "xsks": (_maps.MAP_XSKMAP, 4, 4, slots),
+        "counters": (_maps.MAP_PERCPU_ARRAY, 4, 8, max_devices * len(COUNTERS)),
+        "gcounters": (_maps.MAP_PERCPU_ARRAY, 4, 8, len(GLOBAL_COUNTERS)),
+        "held": (_maps.MAP_ARRAY, 4, 8, slots),
+    }
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _receive(sock: socket.socket, proc: subprocess.Popen, timeout: float
+             ) -> tuple[dict, list[int]]:
+    """The compiler's one message and the fds that came with it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise XdpError(f"the XDP compiler process (pid {proc.pid}) did not answer within "
+                           f"{timeout:.0f} s")
+        if select.select([sock], [], [], min(left, 1.0))[0]:
+            break
+    space = socket.CMSG_SPACE(4 * (len(MAPS) + 1)) + socket.CMSG_SPACE(4 * 16)  # room for lies
+    data, anc, flags, _ = sock.recvmsg(MAX_MESSAGE, space)
+    fds = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += struct.unpack(f"={len(payload) // 4}i", payload[: len(payload) // 4 * 4])
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise XdpError("the XDP compiler process sent a truncated message")
+        if not data:
+            rc = proc.wait(timeout=10)
+            raise XdpError(f"the XDP compiler process exited with {rc} without an answer "
+                           "(its error is in the log above)")
+        try:
+            msg = json.loads(data)
+        except ValueError as e:
+            raise XdpError(f"the XDP compiler process sent no JSON: {e}") from None
+        if not isinstance(msg, dict):
+            raise XdpError("the XDP compiler process sent no JSON object")
+        if "error" in msg:
+            raise XdpError(str(msg["error"]))
+        if msg.get("maps") != list(MAPS) or len(fds) != len(MAPS) + 1:
+            raise XdpError(f"the XDP compiler process sent maps {msg.get('maps')!r} and "
+                           f"{len(fds)} fds; expected {list(MAPS)} and the program's fd first")
+    except BaseException:
+        _close_all(fds)
+        raise
+    return msg, fds
+
+
+def compile_program(max_devices: int, max_queues: int, timeout: float | None = None
+                    ) -> tuple[int, dict[str, _maps.BpfMap]]:
+    """(program fd, maps by name) from a compiler process (see _compile.py), each fd
+    checked against what the kernel says it is. The child is gone on return; one
+    silent past `timeout` (COMPILE_TIMEOUT) is killed."""
+    timeout = COMPILE_TIMEOUT if timeout is None else timeout
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-P", "-c", _CHILD, _PKG_ROOT, str(theirs.fileno()),
+                 str(max_devices), str(max_queues)],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        except OSError as e:
+            raise XdpError(f"cannot start the XDP compiler process ({sys.executable}): "
+                           f"{e}") from e
+        finally:
+            theirs.close()  # EOF on `ours` once the child is gone, answer or not
+        try:
+            _, fds = _receive(ours, proc, timeout)
+        except BaseException:
+            if proc.poll() is None:  # silent past the deadline, or no answer we take
+                proc.kill()
+            proc.wait()
+            raise
+        try:
+            proc.wait(timeout=10)  # it exits right after sending
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    finally:
+        ours.close()
+    return _checked(fds, max_devices, max_queues)
+
+
+def _checked(fds: list[int], max_devices: int, max_queues: int
+             ) -> tuple[int, dict[str, _maps.BpfMap]]:
+    try:
+        ptype, pname = _maps.prog_type_and_name(fds[0])
+        if ptype != _maps.PROG_XDP or pname != PROG_NAME[:15]:
+            raise XdpError(f"the XDP compiler process sent program {pname!r} of type {ptype}, "
+                           f"not the XDP program {PROG_NAME}")
+        maps = {}
+        for name, fd in zip(MAPS, fds[1:], strict=True):
+            info = _maps.map_info(fd)
+            want = expected_maps(max_devices, max_queues)[name]
+            got = (info["type"], info["key_size"], info["value_size"], info["max_entries"])
+            if info["name"] != name or got != want:
+                raise XdpError(f"map {name}: the kernel says {info['name']!r} (type, key, value, "
+                               f"entries) {got}, expected {want}")
+            if name == "held" and not info["flags"] & _maps.BPF_F_MMAPABLE:
+                raise XdpError("map held is not mmap-able (BPF_F_MMAPABLE)")
+            maps[name] = _maps.BpfMap(fd, info)
+    except OSError as e:
+        _close_all(fds)
+        raise XdpError(f"cannot inspect the XDP compiler's fds: {e}") from e
+    except BaseException:
+        _close_all(fds)
+        raise
+    return fds[0], maps
+
+
 # ------------------------------------------------------------------ the program
+
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+_DEV_CFG = struct.Struct("=IIII")  # struct dev_cfg: running, max_frame, share, pad
 
 
 class XdpProgram:
@@ -309,36 +377,30 @@ class XdpProgram:
         self.prog_id: int | None = None
         self.replaced: int | None = None  # id of our stale program replaced by attach()
         self.stale_macs: list[str] = []  # the MACs it steered (their filters are stale too)
-        bcc = import_bcc()
-        self._BPF = bcc.BPF
-        src_dir, cflags = find_kernel_headers()
-        os.environ[ENV_SOURCE] = src_dir  # bcc reads it at compile time
-        cflags = [*cflags, f"-DMAX_DEVICES={max_devices}", f"-DMAX_QUEUES={max_queues}"]
-        path = bpf_source()
+        t0 = time.monotonic()
+        self._prog_fd, self._maps = compile_program(max_devices, max_queues)
+        self.compile_s = time.monotonic() - t0  # the child's whole life, start to exit
         try:
-            self._bpf = bcc.BPF(src_file=str(path).encode(), cflags=cflags)
-            self._fn = self._bpf.load_func(PROG_NAME.encode(), bcc.BPF.XDP)
-        except Exception as e:
-            raise XdpError(f"compiling/loading {path} failed: {e} (kernel source {src_dir}, "
-                           f"cflags {' '.join(cflags)})") from e
-        self.prog_id = prog_info_fd(self._fn.fd)["id"]
-        self._mac2slot = self._bpf[b"mac2slot"]
-        self._devices = self._bpf[b"devices"]
-        self._xsks = self._bpf[b"xsks"]
-        self._counters = self._bpf[b"counters"]
-        self._gcounters = self._bpf[b"gcounters"]
-        self.share = NO_SHARE
-        # `held` is mmap-ed so that the C bursts can subtract what they consume
-        # without a syscall: one u64 per (slot, queue), the xsks index.
-        n = max_devices * self.max_queues * 8
-        size = (n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        try:
-            self._held_mm = mmap.mmap(self._bpf[b"held"].map_fd, size, mmap.MAP_SHARED,
-                                      mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as e:
-            self._bpf.cleanup()
-            raise XdpError(f"mmap of the held map failed: {e}") from e
-        self._held = ffi.from_buffer("uint64_t[]", self._held_mm)
+            self.prog_id = prog_info_fd(self._prog_fd)["id"]
+            self._mac2slot = self._maps["mac2slot"]
+            self._devices = self._maps["devices"]
+            self._xsks = self._maps["xsks"]
+            self._counters = self._maps["counters"]
+            self._gcounters = self._maps["gcounters"]
+            self.share = NO_SHARE
+            # `held` is mmap-ed so that the C bursts can subtract what they consume
+            # without a syscall: one u64 per (slot, queue), the xsks index.
+            n = max_devices * self.max_queues * 8
+            size = (n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+            try:
+                self._held_mm = mmap.mmap(self._maps["held"].fd, size, mmap.MAP_SHARED,
+                                          mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as e:
+                raise XdpError(f"mmap of the held map failed: {e}") from e
+            self._held = ffi.from_buffer("uint64_t[]", self._held_mm)
+        except BaseException:
+            self._free()
+            raise
 
     # -------------------------------------------------------------- attach / detach
 
@@ -370,9 +432,9 @@ class XdpProgram:
         for mode in ("native", "generic"):
             flags = XDP_FLAGS_UPDATE_IF_NOEXIST | _MODE_FLAGS[mode]
             try:
-                self._BPF.attach_xdp(self.ifname.encode(), self._fn, flags)
-            except Exception as e:  # bcc raises plain Exception
-                errors.append(f"{mode}: {e}")
+                _maps.xdp_attach(self.ifname, self._prog_fd, flags)
+            except OSError as e:
+                errors.append(f"{mode}: {e.strerror}")
                 continue
             self.mode = mode
             return mode
@@ -380,9 +442,10 @@ class XdpProgram:
 
     def _remove(self, mode: str) -> None:
         try:
-            self._BPF.remove_xdp(self.ifname.encode(), _MODE_FLAGS.get(mode, 0))
-        except Exception as e:
-            raise XdpError(f"detaching XDP ({mode}) from {self.ifname} failed: {e}") from e
+            _maps.xdp_detach(self.ifname, _MODE_FLAGS.get(mode, 0))
+        except OSError as e:
+            raise XdpError(f"detaching XDP ({mode}) from {self.ifname} failed: "
+                           f"{e.strerror}") from e
 
     def detach(self) -> None:
         """Take our program off the NIC (a program that is not ours is left alone)."""
@@ -402,15 +465,22 @@ class XdpProgram:
         try:
             self.detach()
         finally:
-            bpf, self._bpf = getattr(self, "_bpf", None), None
-            mm = getattr(self, "_held_mm", None)
-            if mm is not None:
-                held, self._held, self._held_mm = self._held, None, None
-                if held is not None:
-                    ffi.release(held)  # the buffer export, so that the mapping can go
-                mm.close()
-            if bpf is not None:
-                bpf.cleanup()
+            self._free()
+
+    def _free(self) -> None:
+        """Unmap `held`, close every map fd and the program's: the kernel frees what no
+        fd and no NIC holds any more."""
+        mm = getattr(self, "_held_mm", None)
+        if mm is not None:
+            held, self._held, self._held_mm = self._held, None, None
+            if held is not None:
+                ffi.release(held)  # the buffer export, so that the mapping can go
+            mm.close()
+        for m in getattr(self, "_maps", {}).values():
+            m.close()
+        fd, self._prog_fd = getattr(self, "_prog_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
 
     def __enter__(self) -> XdpProgram:
         return self
@@ -431,6 +501,18 @@ class XdpProgram:
             raise ValueError(f"queue {queue} out of range 0..{self.max_queues - 1}")
         return slot * self.max_queues + queue
 
+    def _slot_of(self, key: bytes) -> int | None:
+        v = self._mac2slot.lookup(key)
+        return None if v is None else _U32.unpack(v)[0]
+
+    def steered_slot(self, mac: str, vlan: int = 0) -> int | None:
+        """The slot mac2slot steers (vlan, mac) to, None when nobody's."""
+        return self._slot_of(_U64.pack(steer_key(mac, vlan)))
+
+    def _device(self, slot: int, running: bool, max_frame: int) -> None:
+        self._devices.update(_U32.pack(slot), _DEV_CFG.pack(int(running), max_frame,
+                                                              self.share, 0))
+
     def set_device(self, slot: int, mac: str, max_frame: int, running: bool,
                    vlan: int = 0, *, take: bool = False) -> None:
         """Steer unicast frames to `mac` (tagged with VLAN `vlan`, or untagged for 0) to
@@ -442,17 +524,13 @@ class XdpProgram:
             raise ValueError(f"{mac} is not a unicast MAC")
         if max_frame <= 0:
             raise ValueError("max_frame must be positive")
-        key = self._mac2slot.Key(steer_key(mac, vlan))
-        old = self._mac2slot.get(key)
-        if old is not None and old.value != slot and not take:
+        key = _U64.pack(steer_key(mac, vlan))
+        old = self._slot_of(key)
+        if old is not None and old != slot and not take:
             where = f" in VLAN {vlan}" if vlan else ""
-            raise XdpError(f"MAC {mac}{where} is already steered to slot {old.value}")
-        cfg = self._devices.Leaf()
-        cfg.running = 1 if running else 0
-        cfg.max_frame = max_frame
-        cfg.share = self.share
-        self._devices[self._devices.Key(slot)] = cfg  # configuration before the MAC
-        self._mac2slot[key] = self._mac2slot.Leaf(slot)
+            raise XdpError(f"MAC {mac}{where} is already steered to slot {old}")
+        self._device(slot, running, max_frame)  # configuration before the MAC
+        self._mac2slot.update(key, _U32.pack(slot))
 
     def set_share(self, share: int) -> None:
         """Every slot's socket may hold at most `share` frames unconsumed per queue
@@ -461,11 +539,10 @@ class XdpProgram:
             raise ValueError(f"share {share} out of range")
         self.share = share
         for slot in range(self.max_devices):
-            key = self._devices.Key(slot)
-            cfg = self._devices[key]
-            if cfg.share != share:
-                cfg.share = share
-                self._devices[key] = cfg
+            key = _U32.pack(slot)
+            running, max_frame, old, pad = _DEV_CFG.unpack(self._devices.lookup(key))
+            if old != share:
+                self._devices.update(key, _DEV_CFG.pack(running, max_frame, share, pad))
 
     def held(self, slot: int, queue: int):
         """A C pointer (uint64_t *) to the held count of (slot, queue), in the map's
@@ -482,47 +559,45 @@ class XdpProgram:
     def remove_device(self, slot: int, mac: str, vlan: int = 0) -> None:
         """Stop steering (vlan, mac), mark the slot stopped, clear its sockets and counters."""
         self._check_slot(slot)
-        key = self._mac2slot.Key(steer_key(mac, vlan))
-        old = self._mac2slot.get(key)
-        if old is not None and old.value == slot:
-            del self._mac2slot[key]
-        cfg = self._devices.Leaf()
-        cfg.share = self.share
-        self._devices[self._devices.Key(slot)] = cfg
+        key = _U64.pack(steer_key(mac, vlan))
+        if self._slot_of(key) == slot:
+            self._mac2slot.delete(key)
+        self._device(slot, False, 0)
         for q in range(self.max_queues):
             self.clear_socket(slot, q)
+        zero = bytes(self._counters.buf_size)
         for c in range(len(COUNTERS)):
-            self._counters.clearitem(self._counters.Key(slot * len(COUNTERS) + c))
+            self._counters.update(_U32.pack(slot * len(COUNTERS) + c), zero)
 
     def set_socket(self, slot: int, queue: int, fd: int) -> None:
         """Frames for `slot` arriving on NIC queue `queue` go to the AF_XDP socket `fd`."""
         idx = self.slot_index_for(slot, queue)
         try:
-            self._xsks[self._xsks.Key(idx)] = self._xsks.Leaf(fd)
-        except Exception as e:
-            raise XdpError(f"XSKMAP[{idx}] = fd {fd} (slot {slot}, queue {queue}) failed: {e} "
-                           "(the socket must be an AF_XDP socket bound with an RX ring)") from e
+            self._xsks.update(_U32.pack(idx), _U32.pack(fd))
+        except OSError as e:
+            raise XdpError(f"XSKMAP[{idx}] = fd {fd} (slot {slot}, queue {queue}) failed: "
+                           f"{e.strerror} (the socket must be an AF_XDP socket bound with an "
+                           "RX ring)") from e
 
     def clear_socket(self, slot: int, queue: int) -> None:
-        idx = self.slot_index_for(slot, queue)
-        try:
-            del self._xsks[self._xsks.Key(idx)]
-        except KeyError:
-            pass  # was empty
+        self._xsks.delete(_U32.pack(self.slot_index_for(slot, queue)))  # False: was empty
+
+    def _sum(self, m: _maps.BpfMap, index: int) -> int:
+        """A per-CPU u64 counter, summed over CPUs."""
+        raw = m.lookup(_U32.pack(index))
+        return 0 if raw is None else sum(struct.unpack(f"={m.ncpus}Q", raw))
 
     def counters(self, slot: int) -> dict[str, int]:
         """The slot's counters, summed over CPUs."""
         self._check_slot(slot)
         base = slot * len(COUNTERS)
-        return {name: int(self._counters.sum(self._counters.Key(base + i)).value)
-                for i, name in enumerate(COUNTERS)}
+        return {name: self._sum(self._counters, base + i) for i, name in enumerate(COUNTERS)}
 
     def global_counters(self) -> dict[str, int]:
         """Frames handed to the kernel: passed (unknown unicast), broadcast, multicast, runt."""
-        return {name: int(self._gcounters.sum(self._gcounters.Key(i)).value)
-                for i, name in enumerate(GLOBAL_COUNTERS)}
+        return {name: self._sum(self._gcounters, i) for i, name in enumerate(GLOBAL_COUNTERS)}
 
 
-__all__ = ["XdpProgram", "XdpError", "find_kernel_headers", "import_bcc", "mac_key",
-           "steer_key", "prog_info", "is_gateway_program", "bpf_source", "COUNTERS",
+__all__ = ["XdpProgram", "XdpError", "find_kernel_headers", "import_bcc", "bcc_available",
+           "mac_key", "steer_key", "prog_info", "is_gateway_program", "bpf_source", "COUNTERS",
            "GLOBAL_COUNTERS"]

@@ -1,0 +1,279 @@
+"""Latency at light load without spinning (issue 15): a worker's wake-up set-up.
+
+The predictor (`Arrivals`) is a pure function of the arrival times it is
+given; the worker's side is checked by counting its sleeps and early
+wake-ups, never by timing: it is on by default, it wakes ahead of a burst at
+most once after traffic stops and then stays asleep, and the switch turns it
+off. What it buys in microseconds is the benchmark's business
+(benchmarks/latency.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import pytest
+from gateway._native import ffi, lib
+
+from gateway.datapath import worker
+from gateway.datapath.worker import (
+    DUTY,
+    MAX_GAP_NS,
+    MAX_WINDOW_NS,
+    MIN_GAP_NS,
+    SLACK_NS,
+    WAKE_LATE_NS,
+    Arrivals,
+    _poll,
+)
+from gateway.datapath.xdp_port import XdpPort
+from gateway.registry import Registry
+from gateway.testing.frontend import Frontend
+from gateway.testing.netns import topology
+from gateway.vhost.transport import VhostService
+from gateway.xdp.nic import Nic
+
+MS = 1_000_000
+GUEST_MAC = "52:54:00:aa:00:15"
+TIMEOUT = 20
+
+
+def regular(gap: int, n: int, jitter: int = 0, t0: int = 10**12) -> Arrivals:
+    a = Arrivals()
+    for i in range(n + 1):
+        a.seen(t0 + i * gap + (jitter if i % 2 else -jitter))
+    return a
+
+
+# -- the predictor --------------------------------------------------------------
+
+def test_regular_bursts_get_a_bounded_window_around_the_next_one():
+    a = regular(10 * MS, 20, jitter=5_000)
+    assert a.gap == 10 * MS and a.dev == 10_000  # gaps alternate 10 ms -/+ 10 us
+    now = a.last + 1 * MS
+    sleep, until = a.window(now)
+    margin = 3 * a.dev + SLACK_NS
+    due = a.last + a.gap
+    assert until == due + margin  # poll up to the window's end ...
+    assert now + sleep == due - margin - WAKE_LATE_NS  # ... from a wake-up that runs late
+    assert until - (now + sleep) <= min(MAX_WINDOW_NS, DUTY * a.gap)
+
+
+def test_the_wake_up_learns_how_late_its_timer_runs():
+    a = regular(10 * MS, 20)
+    for _ in range(Arrivals.HISTORY):
+        a.seen(a.last + 10 * MS)
+        a.woke_late(30_000)
+    sleep, until = a.window(a.last)
+    assert a.late == 30_000 and a.last + sleep == a.last + 10 * MS - SLACK_NS - 30_000
+    for _ in range(Arrivals.HISTORY):
+        a.woke_late(2 * MS)  # a host that wakes us 2 ms late: not worth 2 ms of polling
+    assert a.window(a.last) is None
+
+
+def test_no_window_until_enough_gaps_nor_once_the_burst_is_due():
+    a = regular(10 * MS, Arrivals.MIN_SAMPLES - 1)
+    assert a.window(a.last) is None  # not a pattern yet
+    a.seen(a.last + 10 * MS)
+    assert a.window(a.last) is not None
+    assert a.window(a.last + 10 * MS) is None  # due (or missed): no timer, no polling
+
+
+def test_an_outlier_does_not_stop_the_predictions():
+    a = regular(10 * MS, 20)
+    a.seen(a.last + 15 * MS)  # one frame 5 ms late (a busy host)
+    a.seen(a.last + 10 * MS)
+    assert a.gap == 10 * MS and a.dev == 0 and a.window(a.last) is not None
+
+
+def test_irregular_traffic_gets_no_window():
+    a = Arrivals()
+    t = 10**12
+    for i in range(50):  # gaps alternate 2 ms and 18 ms: same mean, dev far too big
+        t += (2 if i % 2 else 18) * MS
+        a.seen(t)
+    assert len(a.gaps) == Arrivals.HISTORY and a.window(a.last) is None
+
+
+def test_gaps_outside_the_bounds_are_not_predicted():
+    close = regular(MIN_GAP_NS // 2, 20)  # the pump's spin covers these
+    assert close.gaps == [] and close.window(close.last) is None
+    far = regular(MAX_GAP_NS + MS, 20)  # too far apart for a timer each
+    assert far.gaps == [] and far.window(far.last) is None
+    a = regular(10 * MS, 10)
+    a.seen(a.last + MAX_GAP_NS + 1)  # a pause in the traffic starts over
+    assert a.gaps == [] and a.window(a.last) is None
+
+
+def test_poll_window_never_exceeds_its_share_of_the_gap():
+    # 400 us apart: even with no jitter WAKE_LATE_NS + 2 SLACK_NS > 5 % of it
+    a = regular(400_000, 20)
+    assert a.window(a.last) is None
+
+
+# -- the sleep --------------------------------------------------------------------
+
+def test_poll_reports_the_ready_fds_and_times_out():
+    a, b = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        assert _poll([a, b], 1_000) == []
+        os.eventfd_write(b, 1)
+        assert _poll([a, b], -1) == [b]
+        revents = ffi.new("short[]", 1)
+        assert lib.gw_poll(ffi.new("int[]", [a]), revents, 10_000, 0) < 0  # too many fds
+    finally:
+        os.close(a)
+        os.close(b)
+
+
+# -- the worker ----------------------------------------------------------------------
+
+@pytest.fixture
+def device(tmp_path):
+    with topology() as topo:
+        # No IPv6 on the far host: its router solicitations and MLD reports
+        # would wake the worker at random (these tests count wake-ups).
+        topo.run("sysctl", "-qw", f"net.ipv6.conf.{topo.peer}.disable_ipv6=1")
+        nic = Nic(topo.nic)
+        service = VhostService().start()
+        port = XdpPort(nic, "vm15", GUEST_MAC)
+        started = threading.Event()
+        registry = Registry()
+        registry.register_callbacks(on_new_device=lambda d: started.set())
+        dev = registry.create("vm15", port)
+        path = str(tmp_path / "vm15.sock")
+        service.listen(dev, path)
+        try:
+            with Frontend(path) as fe:
+                fe.connect().setup()
+                assert started.wait(TIMEOUT)
+                fe.post_rx(64)
+                dev.topo = topo  # for tests that send from the far host
+                yield dev
+        finally:
+            service.stop()
+            port.close()
+            nic.close()
+
+
+def until(cond, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)  # polling a counter another thread sets
+
+
+def thread_id(name: str) -> str:
+    """The tid of this process's thread whose OS name is `name` (a thread
+    just started names itself first thing: wait for it)."""
+    found: list[str] = []
+
+    def look() -> bool:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() == name:
+                    found.append(tid)
+                    return True
+        return False
+
+    until(look, f"no thread named {name}")
+    return found[0]
+
+
+def test_worker_is_named_with_short_slice_and_no_timer_slack(device):
+    w, _ = device.workers[0]
+    assert w.wake_ahead  # on by default
+    tid = thread_id("gw-vm15/q0")
+    with open(f"/proc/{tid}/timerslack_ns") as f:  # a tid works there, unlisted
+        assert f.read().strip() == "1"
+    with open(f"/proc/self/task/{tid}/sched") as f:
+        sched = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in f if ":" in ln)}
+    if tuple(map(int, os.uname().release.split(".")[:2])) >= (6, 12):  # sched_runtime = slice
+        assert int(sched["se.slice"]) == worker.SLICE_NS
+
+
+RAW_SEND = """
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+s.send(bytes.fromhex(sys.argv[2]))
+"""
+
+
+def test_a_frame_from_the_wire_is_stamped_and_learned(device):
+    w, _ = device.workers[0]
+    assert w.arrivals.last == 0
+    before = lib.gw_now_ns()
+    frame = bytes.fromhex(GUEST_MAC.replace(":", "")) + bytes.fromhex("020000000001") \
+        + b"\x88\xb5" + b"wake-ahead".ljust(46, b"\0")
+    device.topo.run(sys.executable, "-c", RAW_SEND, device.topo.peer, frame.hex())
+    until(lambda: device.stats()["rx_packets"] >= 1, "the frame never reached the guest")
+    until(lambda: w.arrivals.last != 0, "the worker never learned the arrival")
+    assert before < w.arrivals.last <= lib.gw_now_ns()  # the pump's CLOCK_MONOTONIC stamp
+    assert w.early_wakes == 0 and w.arrivals.gaps == []  # one arrival: nothing to predict
+
+
+def _history_due_in(w, ms: int) -> None:
+    """A regular history whose next burst is due `ms` from now, with a window
+    (+-320 us, from a timer expected 300 us late) that a loaded host's late
+    timer still finds open."""
+    now = lib.gw_now_ns()
+    a = Arrivals()
+    a.gaps = [90 * MS] * Arrivals.HISTORY
+    a.gap, a.dev = 90.0 * MS, 100_000.0
+    a.lates, a.late = [300_000], 300_000.0
+    a.last = now + ms * MS - 90 * MS
+    assert a.window(now) is not None
+    w.arrivals = a
+
+
+def test_idle_worker_wakes_ahead_once_then_stays_asleep(device):
+    w, _ = device.workers[0]
+    _history_due_in(w, 150)  # far enough that a worker slow to wake still sleeps first
+    before = w.sleeps
+    w.post(b"\xff" * 6 + bytes.fromhex(GUEST_MAC.replace(":", "")) + b"\x88\xb5" + bytes(46))
+    until(lambda: w.early_wakes == 1, "the worker never woke ahead of the predicted burst")
+    until(lambda: w.sleeps >= before + 2, "the worker did not go back to sleep")
+    assert w.early_hits == 0  # nothing came: a miss, and nothing more is predicted
+    settled, given = w.sleeps, device.stats()["rx_packets"]
+    time.sleep(0.3)  # an idle window: nothing to await, we count what happened in it
+    # Every further wake-up is a frame for the guest (the far host's own IPv6
+    # multicast reaches it through the flood tap), none an early one.
+    assert w.early_wakes == 1
+    assert w.sleeps - settled <= device.stats()["rx_packets"] - given
+
+
+def test_wake_ahead_can_be_switched_off(tmp_path):
+    worker.set_wake_ahead(False)
+    try:
+        with topology() as topo:
+            nic = Nic(topo.nic)
+            service = VhostService().start()
+            port = XdpPort(nic, "vm16", GUEST_MAC)
+            started = threading.Event()
+            registry = Registry()
+            registry.register_callbacks(on_new_device=lambda d: started.set())
+            dev = registry.create("vm16", port)
+            path = str(tmp_path / "vm16.sock")
+            service.listen(dev, path)
+            try:
+                with Frontend(path) as fe:
+                    fe.connect().setup()
+                    assert started.wait(TIMEOUT)
+                    w, _ = dev.workers[0]
+                    assert not w.wake_ahead
+                    _history_due_in(w, 150)
+                    before = w.sleeps
+                    w.post(bytes(60))
+                    until(lambda: w.sleeps >= before + 1, "the worker never slept again")
+                    time.sleep(0.3)  # past the due time: an early wake-up would have come
+                    assert w.early_wakes == 0
+            finally:
+                service.stop()
+                port.close()
+                nic.close()
+    finally:
+        worker.set_wake_ahead(True)
