@@ -37,6 +37,7 @@ from gateway.testing import testpmd as tp
 from gateway.testing.daemon import TIMEOUT, Daemon
 from gateway.testing.frontend import Frontend
 from gateway.testing.netns import topology
+from gateway.testing.wait import until
 
 ETH_TEST = 0x88B5  # IEEE local experimental: nobody else on the wire sends it
 
@@ -111,14 +112,7 @@ def counts(err: str) -> tuple[int, int]:
 
 
 def wait_for(cond, what: str, timeout: float = TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return until(cond, what, timeout)
 
 
 def device(d, name: str) -> dict:

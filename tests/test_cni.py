@@ -10,13 +10,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from gateway import cni
 from gateway.testing import qemu
+from gateway.testing.wait import until
 from gateway.xdp import link
 
 PLUGIN = Path(sys.executable).parent / "gateway-cni"  # the console entry point
@@ -70,14 +70,7 @@ def devices(d) -> list[dict]:
 
 
 def wait_until(cond, what: str, timeout: float = TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return until(cond, what, timeout)
 
 
 # -- the plugin alone ----------------------------------------------------------------

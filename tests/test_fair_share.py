@@ -21,6 +21,7 @@ from gateway.datapath.xdp_port import XdpPort
 from gateway.registry import Registry
 from gateway.testing.frontend import Frontend, FrontendError
 from gateway.testing.netns import topology
+from gateway.testing.wait import until
 from gateway.vhost.transport import VhostService
 from gateway.xdp.nic import NFRAMES, Nic
 
@@ -75,10 +76,7 @@ def send_from_far(topo, **per_mac: int) -> None:
 
 
 def wait_for(cond, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+    until(cond, what, DEADLINE)
 
 
 def ours(frames: list[bytes], peer_mac: str) -> list[bytes]:

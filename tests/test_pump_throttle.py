@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 from gateway.datapath.xdp_port import XdpPort, XdpQueue
 from gateway.registry import Registry
 from gateway.testing import attacker
 from gateway.testing.frontend import Frontend
 from gateway.testing.netns import topology
+from gateway.testing.wait import until
 from gateway.vhost.transport import VhostService
 from gateway.virtio.ring import lib
 from gateway.xdp.nic import Nic
@@ -43,10 +43,7 @@ class Rearm(threading.Thread):
 
 
 def wait_for(cond, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+    until(cond, what, DEADLINE)
 
 
 def test_pump_throttles_the_attacker_and_its_stop_completes(tmp_path):
