@@ -486,7 +486,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tcp-runs", type=int, default=3,
                     help="TCP runs per offload setting with a QEMU guest (0: none)")
     ap.add_argument("--tcp-mbytes", type=int, default=8, help="MiB each way per TCP run")
-    ap.add_argument("--capture-runs", type=int, default=3,
+    ap.add_argument("--capture-runs", type=int, default=5,
                     help="runs with and without a capture, per size (0: none)")
     ap.add_argument("--capture-seconds", type=float, default=5.0)
     ap.add_argument("--no-extras", dest="extras", action="store_false",

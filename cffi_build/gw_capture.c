@@ -23,24 +23,38 @@ static uint64_t rec_bytes(uint32_t caplen)
     return GW_CAP_REC_HDR + (((uint64_t)caplen + GW_CAP_REC_HDR - 1) & ~(uint64_t)(GW_CAP_REC_HDR - 1));
 }
 
-void gw_cap_put(struct gw_cap *c, uint32_t dir, const uint8_t *f, uint32_t len, uint64_t ts_ns)
+/* 1 if `need` more bytes fit between the head and the reader's tail. The
+   tail is trusted only inside [head - size, head]: anything else (a reader
+   writing nonsense) reads as a full ring, so nothing is written over data the
+   reader may still be reading, nor outside it. The unsigned difference covers
+   a tail "ahead" of head as well. */
+static int fits(const struct gw_cap *c, uint64_t need)
+{
+    return c->head - c->tail <= c->size && c->head + need - c->tail <= c->size;
+}
+
+uint64_t gw_cap_now(void)
+{
+    return realtime_ns();
+}
+
+int gw_cap_add(struct gw_cap *c, uint32_t dir, const uint8_t *f, uint32_t len, uint64_t ts_ns)
 {
     uint32_t caplen = len < c->snaplen ? len : c->snaplen;
     uint64_t need = rec_bytes(caplen), off = c->head & (c->size - 1), to_end = c->size - off;
-    uint64_t pad = need > to_end ? to_end : 0, tail;
+    uint64_t pad = need > to_end ? to_end : 0;
     struct gw_cap_rec *r;
 
     if (!(c->dirs & dir))
-        return;
-    tail = __atomic_load_n(&c->sh->tail, __ATOMIC_ACQUIRE);
-    /* The reader's tail is trusted only inside [head - size, head]: anything
-       else (a reader writing nonsense) reads as a full ring, so nothing is
-       written over data the reader may still be reading, nor outside it. The
-       unsigned difference covers a tail "ahead" of head as well. */
-    if (c->head - tail > c->size || c->head + pad + need - tail > c->size) {
-        c->dropped++;
-        __atomic_store_n(&c->sh->dropped, c->dropped, __ATOMIC_RELAXED);
-        return;
+        return 0;
+    /* The tail last read is read again only when it leaves no room: one
+       shared cache line touched per ring's worth of records, not per frame. */
+    if (!fits(c, pad + need)) {
+        c->tail = __atomic_load_n(&c->sh->tail, __ATOMIC_ACQUIRE);
+        if (!fits(c, pad + need)) {
+            c->dropped++;
+            return 0;
+        }
     }
     if (pad) {   /* the record would cross the end: fill it, start over at 0 */
         r = (struct gw_cap_rec *)(c->data + off);
@@ -59,9 +73,21 @@ void gw_cap_put(struct gw_cap *c, uint32_t dir, const uint8_t *f, uint32_t len, 
     memcpy(r + 1, f, caplen);
     c->head += pad + need;
     c->frames++;
+    return 1;
+}
+
+void gw_cap_publish(struct gw_cap *c)
+{
     __atomic_store_n(&c->sh->frames, c->frames, __ATOMIC_RELAXED);
-    /* The record's bytes before the head that says they are there. */
+    __atomic_store_n(&c->sh->dropped, c->dropped, __ATOMIC_RELAXED);
+    /* The records' bytes before the head that says they are there. */
     __atomic_store_n(&c->sh->head, c->head, __ATOMIC_RELEASE);
+}
+
+void gw_cap_put(struct gw_cap *c, uint32_t dir, const uint8_t *f, uint32_t len, uint64_t ts_ns)
+{
+    gw_cap_add(c, dir, f, len, ts_ns);
+    gw_cap_publish(c);
 }
 
 void gw_cap_hook(struct gw_local *local, struct gw_cap *cap)
@@ -78,12 +104,14 @@ void gw_cap_frames(struct gw_local *local, uint32_t dir, const uint8_t *base,
                    const uint64_t *offs, const uint32_t *lens, unsigned n)
 {
     struct gw_cap *c = gw_cap_enter(local);
+    uint64_t now;
 
     if (!c)
         return;
+    now = realtime_ns();
     for (unsigned i = 0; i < n; i++)
-        gw_cap_put(c, dir, base + offs[i], lens[i], 0);
-    gw_cap_leave(local);
+        gw_cap_add(c, dir, base + offs[i], lens[i], now);
+    gw_cap_leave(local, c);
 }
 
 /* A pcapng EPB's bytes for caplen bytes of frame (put_record). */

@@ -1,7 +1,7 @@
 /*
  * The capture hook as the bursts use it (C only, not for cdef): a burst calls
- * gw_cap_enter() once, copies frames with gw_cap_put() while it holds a ring,
- * then gw_cap_leave(). Needs gw_capture.h and gw_xskq.h first.
+ * gw_cap_enter() once, copies frames with gw_cap_add() while it holds a ring,
+ * then gw_cap_leave() publishes them. Needs gw_capture.h and gw_xskq.h first.
  */
 #ifndef GW_CAPTURE_HOOK_H
 #define GW_CAPTURE_HOOK_H
@@ -24,9 +24,11 @@ static inline struct gw_cap *gw_cap_enter(struct gw_local *l)
     return c;
 }
 
-/* After the last gw_cap_put of a burst that got a ring from gw_cap_enter. */
-static inline void gw_cap_leave(struct gw_local *l)
+/* After the last gw_cap_add of a burst that got ring c from gw_cap_enter:
+   the burst's records are published, then the ring is let go. */
+static inline void gw_cap_leave(struct gw_local *l, struct gw_cap *c)
 {
+    gw_cap_publish(c);
     __atomic_sub_fetch(&l->capture_busy, 1, __ATOMIC_RELEASE);
 }
 

@@ -574,6 +574,8 @@ int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
 
         if (!walk_room(walked))
             goto out;                   /* budget spent: frame i waits for the next burst */
+        if (vq->rx_sent)
+            vq->rx_sent[i] = 0;         /* until it is written whole */
         if (noroom_same(vq, &cur, w.total)) {
             no_room++;
             continue;
@@ -657,6 +659,8 @@ int gw_vq_rx_burst(struct gw_vq *vq, const uint8_t *base, const uint64_t *offs,
         }
         packets++;
         bytes += lens[i];
+        if (vq->rx_sent)
+            vq->rx_sent[i] = 1;
     }
 out:
     cursor_commit(vq, &cur);

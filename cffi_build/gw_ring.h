@@ -96,6 +96,7 @@ struct gw_vq {
     int32_t big_slot;           /* out: the frame of the last TX burst in big, -1 none */
     uint8_t *hdrs;              /* TX: frame i's virtio-net header -> hdrs + 12 * i, or NULL */
     const uint8_t *rx_flags;    /* RX: frame i's header flags byte, or NULL (all 0) */
+    uint8_t *rx_sent;           /* RX out, or NULL: frame i reached the guest (1) or was dropped (0) */
     uint64_t tx_csum;           /* checksums completed */
     uint64_t tx_gso;            /* GSO frames segmented ... */
     uint64_t tx_gso_segs;       /* ... into this many frames */

@@ -202,7 +202,7 @@ static uint32_t push_vlan(uint8_t *f, uint32_t len, unsigned vid)
    is built VLAN_HLEN bytes into its frame when vid is set, for its tag. */
 static void send_gso(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod *tx, int fd,
                      const uint8_t *f, uint32_t len, const struct gw_net_hdr *h,
-                     struct gw_local *local, unsigned vid, struct gw_cap *cap)
+                     struct gw_local *local, unsigned vid, struct gw_cap *cap, uint64_t ts)
 {
     unsigned room = vid ? VLAN_HLEN : 0;
     __u64 segs[GW_GSO_MAX_SEGS], wire[GW_GSO_MAX_SEGS], spare[GW_GSO_MAX_SEGS];
@@ -237,7 +237,7 @@ static void send_gso(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod 
         uint8_t *out = u->area + segs[i] + room;
         uint32_t l = gw_gso_segment(f, &plan, i, out);
         if (cap)
-            gw_cap_put(cap, GW_CAP_TX, out, l, 0);   /* each segment, untagged */
+            gw_cap_add(cap, GW_CAP_TX, out, l, ts);   /* each segment, untagged */
         if (keep_local(local, out, l)) {
             spare[s++] = segs[i];
         } else {
@@ -260,6 +260,7 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
     unsigned k, w = 0, s = 0, vid = local ? local->vlan & 0xfff : 0;
     unsigned room = vid ? VLAN_HLEN : 0;   /* in front of the guest frame, for its tag */
     struct gw_cap *cap;
+    uint64_t ts;
     int got;
 
     if (vq->error)
@@ -279,6 +280,7 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
                          lens, k);
     vq->hdrs = NULL;
     cap = gw_cap_enter(local);   /* NULL unless someone captures: one load */
+    ts = cap ? gw_cap_now() : 0;
     for (unsigned i = 0; i < k; i++) {
         uint8_t *f = (int)i == vq->big_slot ? vq->big : u->area + dst[i];
         struct gw_net_hdr h = { 0 };
@@ -292,7 +294,7 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
         if (h.gso_type != GW_NET_HDR_GSO_NONE) {
             transmit_or_free(u, tx, fd, wire, wire_lens, w);
             w = 0;
-            send_gso(vq, u, tx, fd, f, lens[i], &h, local, vid, cap);
+            send_gso(vq, u, tx, fd, f, lens[i], &h, local, vid, cap, ts);
             spare[s++] = addrs[i];
             continue;
         }
@@ -312,7 +314,7 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
             vq->tx_csum++;
         }
         if (cap)   /* as it leaves the guest's device: checksummed, untagged */
-            gw_cap_put(cap, GW_CAP_TX, f, lens[i], 0);
+            gw_cap_add(cap, GW_CAP_TX, f, lens[i], ts);
         if (!keep_local(local, f, lens[i])) {
             wire[w] = addrs[i];
             wire_lens[w++] = vid ? push_vlan(u->area + addrs[i], lens[i], vid) : lens[i];
@@ -321,7 +323,7 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
         }
     }
     if (cap)
-        gw_cap_leave(local);
+        gw_cap_leave(local, cap);
     transmit_or_free(u, tx, fd, wire, wire_lens, w);
     give_frames(u, spare, s);
     return got;
@@ -415,13 +417,12 @@ unsigned gw_xsk_tx_drain(struct gw_umemq *u, struct xsk_ring_prod *tx, int fd, i
     return back;
 }
 
-/* gw_xsk_to_guest, with what reaches the guest captured through local's hook. */
 static int to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *rx, unsigned n,
                     uint64_t *held, struct gw_local *local)
 {
     __u64 offs[MAX_BURST];
     uint32_t lens[MAX_BURST], pos[MAX_BURST], idx, k, g = 0, used;
-    uint8_t flags[MAX_BURST];
+    uint8_t flags[MAX_BURST], sent[MAX_BURST];
     int got = 0;
 
     if (vq->error)
@@ -443,23 +444,27 @@ static int to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *
         g++;
     }
     if (g) {
+        struct gw_cap *cap = gw_cap_enter(local);   /* one load when nobody captures */
+
         vq->rx_flags = flags;
+        vq->rx_sent = cap ? sent : NULL;   /* a capture shows what the guest got */
         got = gw_vq_rx_burst(vq, u->area, (const uint64_t *)offs, lens, g);
         vq->rx_flags = NULL;
+        vq->rx_sent = NULL;
+        if (cap) {
+            uint64_t ts = gw_cap_now();
+
+            for (int i = 0; i < got; i++)
+                if (sent[i])
+                    gw_cap_add(cap, GW_CAP_RX, u->area + offs[i], lens[i], ts);
+            gw_cap_leave(local, cap);
+        }
         if (got < 0) {
             xsk_ring_cons__cancel(rx, k);
             return -1;
         }
         for (int i = 0; i < got; i++)
             vq->rx_csum_valid += flags[i] != 0;
-        if (got > 0) {
-            struct gw_cap *cap = gw_cap_enter(local);   /* one load when nobody captures */
-            if (cap) {
-                for (int i = 0; i < got; i++)
-                    gw_cap_put(cap, GW_CAP_RX, u->area + offs[i], lens[i], 0);
-                gw_cap_leave(local);
-            }
-        }
     }
     /* The ring is consumed in order: up to the first good frame the guest had
        no buffer for (the rest waits), bad descriptors before it included. */
@@ -479,9 +484,9 @@ static int to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *
 }
 
 int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *rx, unsigned n,
-                    uint64_t *held)
+                    uint64_t *held, struct gw_local *local)
 {
-    return to_guest(vq, u, rx, n, held, NULL);
+    return to_guest(vq, u, rx, n, held, local);
 }
 
 int gw_xsk_send(struct gw_umemq *u, struct xsk_ring_prod *tx, int fd, const uint8_t *base,

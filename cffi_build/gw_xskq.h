@@ -84,9 +84,10 @@ int gw_xsk_from_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_prod
    descriptor outside the UMEM is consumed, counted (u->rx_bad_desc) and
    neither delivered nor given back to the pool: its frame is unknown. What
    it consumed is subtracted from *held (the XDP program's count of frames
-   this socket holds, bpf/gateway_xdp.c `held`; may be NULL). */
+   this socket holds, bpf/gateway_xdp.c `held`; may be NULL). What reached
+   the guest, and only that, goes to local's capture hook (local may be NULL). */
 int gw_xsk_to_guest(struct gw_vq *vq, struct gw_umemq *u, struct xsk_ring_cons *rx, unsigned n,
-                    uint64_t *held);
+                    uint64_t *held, struct gw_local *local);
 
 /* *held -= n, atomically, clamped at 0 (the XDP program adds concurrently). */
 void gw_held_sub(uint64_t *held, uint64_t n);

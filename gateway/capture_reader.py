@@ -149,14 +149,15 @@ class _Rings:
         self._frames = ffi.new("uint64_t *")
         self._bad = ffi.new("unsigned *")
 
-    def take(self, max_frames: int) -> tuple[bytes, int]:
-        """Waiting records as pcap bytes, at most max_frames frames."""
+    def take(self, max_frames: int) -> tuple[memoryview, int]:
+        """Waiting records as pcap bytes, at most max_frames frames: a view of
+        this reader's own buffer (no copy at 1.5 GB/s), good until the next take."""
         got = lib.gw_cap_to_pcap(self.views, self.n, self._out, OUT_CHUNK, max_frames,
                                  self._frames, self._bad, self.pcapng)
         if got < 0:
             raise CaptureFailed(f"capture ring {self._bad[0]} holds a record the daemon "
                                 "never writes: stopping")
-        return ffi.buffer(self._out, got)[:], self._frames[0]
+        return memoryview(ffi.buffer(self._out, got)), self._frames[0]
 
     def dropped(self) -> int:
         return sum(self.views[i].sh.dropped for i in range(self.n))
@@ -167,7 +168,7 @@ class _Rings:
         self._map.close()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]

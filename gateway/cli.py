@@ -277,6 +277,10 @@ def list_(run_dir: str, as_json: bool) -> None:
         if peer:
             where = "here" if d["mac_steered_here"] else f"to {peer}"
             click.echo(f"  live migration with {peer}: MAC steered {where}")
+        cap = d.get("capture")
+        if cap:
+            click.echo(f"  capture by pid {cap['pid']}: {cap['direction']}, "
+                       f"{cap['buffer'] // 1024} KiB buffer")
 
 
 @main.command()

@@ -168,6 +168,7 @@ def test_ring_wraps_keeps_order_and_refuses_a_lying_tail():
                 lib.gw_cap_put(cap, lib.GW_CAP_RX, frames[i], len(frames[i]), i + 1)
                 lib.gw_cap_put(cap, lib.GW_CAP_TX, b"x" * 60, 60, 0)  # not asked for
             data, n = view.take(1 << 30)
+            data = bytes(data)  # a view of the reader's buffer, reused by the next take
             assert n == 40
             off = 0
             for _ in range(n):
@@ -214,6 +215,7 @@ def test_rings_of_two_queue_pairs_merge_by_timestamp():
         for ts in (2, 5, 6, 7, 8):
             lib.gw_cap_put(rings.caps[1], lib.GW_CAP_TX, bytes([ts]) * 30, 30, ts)
         data, n = view.take(7)  # -c: stops where asked, the rest stays
+        data = bytes(data)  # a view of the reader's buffer, reused by the next take
         got = []
         while n:
             off = 0
@@ -222,6 +224,7 @@ def test_rings_of_two_queue_pairs_merge_by_timestamp():
                 got.append((nsec, data[off + 16: off + 16 + caplen]))
                 off += 16 + caplen
             data, n = view.take(100)
+            data = bytes(data)
         assert [t for t, _ in got] == list(range(1, 10))
         assert all(f == bytes([t]) * (20 if t in (1, 3, 4, 9) else 30) for t, f in got)
     finally:
@@ -267,6 +270,9 @@ def test_frames_both_ways_read_back_by_tcpdump_and_tshark(env, tmp_path):
     with guest(d, topo, "vm0") as (dev, fe):
         cap = Cap(d, "vm0", "-w", str(pcap))
         assert device(d, "vm0")["capture"]["pid"] == cap.proc.pid
+        listed = subprocess.run([sys.executable, "-m", "gateway.cli", "list", "--run-dir",
+                                 d.run_dir], capture_output=True, text=True, timeout=TIMEOUT)
+        assert f"  capture by pid {cap.proc.pid}: both, 4096 KiB buffer" in listed.stdout
         out = [frame(topo.peer_mac, dev["mac"], i) for i in range(300)]
         into = [frame(dev["mac"], topo.peer_mac, 1000 + i) for i in range(200)]
         # broadcasts reach the guest another way (the flood tap and the inbox)

@@ -261,13 +261,13 @@ def test_rx_descriptor_outside_the_umem_is_skipped_counted_and_never_pooled():
                (3 * FS + 256, len(b)),
                data={1 * FS: a, 3 * FS + 256: b})
     env.drv.add_in()  # the guest has one buffer
-    assert lib.gw_xsk_to_guest(env.vq.native, fu.u, fu.rx, 32, fu.held) == 1
+    assert lib.gw_xsk_to_guest(env.vq.native, fu.u, fu.rx, 32, fu.held, ffi.NULL) == 1
     # consumed: A and the two bad ones behind it; B waits for a buffer
     assert (fu.idx[1], fu.held[0], fu.u.rx_bad_desc) == (3, 1, 2)
     assert fu.pooled() == [1 * FS]
     env.drv.add_in()
     env.drv.add_in()
-    assert lib.gw_xsk_to_guest(env.vq.native, fu.u, fu.rx, 32, fu.held) == 1
+    assert lib.gw_xsk_to_guest(env.vq.native, fu.u, fu.rx, 32, fu.held, ffi.NULL) == 1
     assert (fu.idx[1], fu.held[0], fu.u.rx_bad_desc) == (4, 0, 2)  # not counted twice
     assert fu.pooled() == [1 * FS, 3 * FS]  # frame 0 and frame 2 have other owners
     got = [env.drv.read_in(h, n)[12:] for h, n in env.drv.poll_used()]
@@ -279,6 +279,39 @@ def test_rx_descriptor_outside_the_umem_is_skipped_counted_and_never_pooled():
     assert lib.gw_xsk_rx_drain(fu.u, fu.rx) == 2
     assert fu.u.rx_bad_desc == 3
     assert fu.pooled() == [1 * FS, 3 * FS, 5 * FS]
+
+
+def test_capture_holds_what_reached_the_guest_not_what_it_had_no_room_for():
+    """A frame the guest's buffers cannot hold (no MRG_RXBUF) is dropped as too
+    big after the socket handed it over: `gateway capture` shows the guest's
+    side, so the capture must not hold it."""
+    from gateway.capture import Layout, Rings
+
+    env = Env(hdr_len=12)  # no MRG_RXBUF: a frame must fit one chain
+    fu = FakeUmem()
+    a, big, b = b"A" * 60, b"X" * 3000, b"B" * 70
+    fu.produce((1 * FS, len(a)), (2 * FS, len(big)), (3 * FS, len(b)),
+               data={1 * FS: a, 2 * FS: big, 3 * FS: b})
+    for _ in range(3):
+        env.drv.add_in()
+    rings = Rings(Layout(1, lib.GW_CAP_MIN_RING), snaplen=65535, dirs=lib.GW_CAP_RX)
+    local = ffi.new("struct gw_local *")
+    try:
+        lib.gw_cap_hook(local, rings.caps[0])
+        assert lib.gw_xsk_to_guest(env.vq.native, fu.u, fu.rx, 32, fu.held, local) == 3
+        lib.gw_cap_hook(local, ffi.NULL)
+        assert env.vq.stats["drop_too_big"] == 1
+        assert [env.drv.read_in(h, n)[12:] for h, n in env.drv.poll_used()] == [a, b]
+        cap = rings.caps[0]
+        assert (cap.frames, cap.dropped, cap.sh.frames) == (2, 0, 2)
+        got, pos = [], 0
+        while pos < cap.head:
+            rec = ffi.cast("struct gw_cap_rec *", cap.data + pos)
+            got.append(bytes(ffi.buffer(ffi.cast("uint8_t *", rec + 1), rec.caplen)))
+            pos += rec.reclen
+        assert got == [a, b]
+    finally:
+        rings.close()
 
 
 def test_closing_a_device_gives_its_unsent_tx_frames_back_to_the_pool():
