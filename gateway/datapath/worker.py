@@ -82,36 +82,43 @@ def set_wake_ahead(enabled: bool) -> None:
 class Arrivals:
     """When the next burst is due, from the gaps between the last ones.
 
-    `seen(t)` takes the time (ns, CLOCK_MONOTONIC) a run of the pump first
-    moved a frame from the wire after the worker slept (the guest's answers
-    are not predicted: they follow within the pump's spin or kick). Of the
-    last HISTORY gaps within MIN_GAP_NS..MAX_GAP_NS, the median is the gap
-    and the median distance from it (MAD) the jitter: medians, because on a
-    busy host a frame is now and then late by milliseconds, and one such
-    outlier must not stop the predictions for the many on time (an average
-    would). `window(now)` offers (sleep_ns, poll_ns) -- sleep that long,
-    then poll the rings for poll_ns, centred on the due time -- once
-    MIN_SAMPLES gaps are known, centred on the due time: due +- (3 MAD +
-    SLACK_NS). A timed wake-up itself runs late (an idle vCPU's wake-up:
-    50-150 us on the test VM), so the worker sleeps that much less: `late`,
-    the upper quartile of the last HISTORY lateness measures (`woke_late`),
-    WAKE_LATE_NS until there are some. The whole (late + window) must fit
-    within MAX_WINDOW_NS and DUTY of the gap: so the polling costs at most
-    DUTY of a CPU, and nothing when traffic is irregular or stops: once the
-    due time passed, nothing more is offered until the next burst.
-    `window(now)` returns (sleep_ns, poll_until_ns).
+    `seen(t)` takes the time (ns, CLOCK_MONOTONIC) a burst from the wire came
+    after the worker slept: the pump's first move when it was polling for it
+    (a window hit), `arrived(woke)` when the burst woke the worker (the
+    guest's answers are not predicted: they follow within the pump's spin
+    or kick). Of the last HISTORY gaps within MIN_GAP_NS..MAX_GAP_NS, the
+    median is the gap and the median distance from it (MAD) the jitter:
+    medians, because on a busy host a frame is now and then late by
+    milliseconds, and one such outlier must not stop the predictions for the
+    many on time (an average would). `window(now)` offers (sleep_ns,
+    poll_until_ns) -- sleep that long, then poll the rings until then --
+    once MIN_SAMPLES gaps are known: from due - (3 MAD + SLACK_NS) to due +
+    (3 MAD, or the second latest gap's excess if larger, + SLACK_NS); a
+    sender's lateness has a tail (a pinger's timer: a few frames 50-150 us
+    late where the MAD is 10-20). A timed wake-up itself runs late (an idle
+    vCPU's wake-up: 50-200 us on the test VM), so the worker sleeps that
+    much less: `late`, the second largest of the last HISTORY lateness
+    measures (`woke_late`), WAKE_LATE_NS until there are some. The whole
+    (late + window) must fit within MAX_WINDOW_NS and DUTY of the gap: so
+    the polling costs at most DUTY of a CPU, and nothing when traffic is
+    irregular. A due time that passed (the frame came late and woke us, or
+    never came) moves on by whole gaps, to PHASE_KEEP gaps after the last
+    burst; then nothing more is offered until the next one.
     """
 
     HISTORY = 16
     MIN_SAMPLES = 8
+    PHASE_KEEP = 3  # due times offered after the last arrival, at most
 
     def __init__(self) -> None:
         self.last = 0  # the last burst's time, 0: none yet
         self.gaps: list[int] = []  # the last HISTORY gaps, oldest first
         self.gap = 0.0  # their median
         self.dev = 0.0  # their median distance from it
+        self.tail = 0.0  # the second latest of them, past the median
         self.lates: list[int] = []  # how late the last timed wake-ups ran
-        self.late = float(WAKE_LATE_NS)
+        self.late = float(WAKE_LATE_NS)  # ... the second largest
+        self.wake_cost = float(WAKE_LATE_NS)  # ... their median
 
     def seen(self, t: int) -> None:
         g = t - self.last
@@ -119,25 +126,44 @@ class Arrivals:
             self.gaps = [*self.gaps[1 - self.HISTORY:], g]
             self.gap = _median(self.gaps)
             self.dev = _median([abs(x - self.gap) for x in self.gaps])
+            late = sorted(x - self.gap for x in self.gaps)
+            self.tail = max(0.0, late[-2]) if len(late) > 1 else 0.0
         elif self.last and g > MAX_GAP_NS:  # a pause: start over
             self.gaps = []
         self.last = t
 
     def woke_late(self, ns: int) -> None:
         self.lates = [*self.lates[1 - self.HISTORY:], max(0, ns)]
-        self.late = float(sorted(self.lates)[len(self.lates) * 3 // 4])  # upper quartile
+        s = sorted(self.lates)
+        self.late = float(s[len(s) * 7 // 8])  # the second largest of 16
+        self.wake_cost = _median(s)
+
+    def arrived(self, woke: int) -> int:
+        """When a frame that woke the worker (at `woke`, CLOCK_MONOTONIC: the
+        poll returned) came: a wake-up's typical cost earlier, the median
+        lateness of the timed ones (the same halted-vCPU wake-up). Taking
+        `woke`, or later the pump's first move, as the arrival would bias the
+        phase late by the wake-up and the Python after it (50-200 us), so the
+        next window opens late and misses the next frame too, and so on
+        (measured: a miss followed a miss 82-89 % of the time)."""
+        return woke - int(self.wake_cost)
 
     def window(self, now: int) -> tuple[int, int] | None:
         if len(self.gaps) < self.MIN_SAMPLES:
             return None
-        margin = 3 * self.dev + SLACK_NS  # +-3 MAD: ~19 frames in 20, if normal
-        if self.late + 2 * margin > min(MAX_WINDOW_NS, DUTY * self.gap):
+        early = 3 * self.dev + SLACK_NS  # +-3 MAD: ~19 frames in 20, if normal ...
+        late = max(3 * self.dev, self.tail) + SLACK_NS  # ... but a sender's lateness has a tail
+        if self.late + early + late > min(MAX_WINDOW_NS, DUTY * self.gap):
             return None
         due = self.last + self.gap
-        sleep = int(due - margin - self.late) - now
-        if sleep <= 0:  # due already (or missed): the next burst wakes us
+        for _ in range(self.PHASE_KEEP - 1):  # passed: the frame was late, or lost
+            if due - early - self.late > now:
+                break
+            due += self.gap
+        sleep = int(due - early - self.late) - now
+        if sleep <= 0:  # due already: the next burst wakes us
             return None
-        return sleep, int(due + margin)
+        return sleep, int(due + late)
 
 
 def _median(xs: list[int] | list[float]) -> float:
@@ -176,6 +202,7 @@ class QueuePairWorker:
         self.early_hits = 0  # ... that then came within the window
         self._first_wait = 0  # the pump's first-frame window after an early wake
         self._fresh = False  # the next pump run starts after a sleep
+        self._woke = 0  # when the last sleep ended
         self._thread = threading.Thread(target=self._run, name=f"gw-{name}", daemon=True)
 
     def start(self) -> None:
@@ -231,7 +258,10 @@ class QueuePairWorker:
             else:
                 moved = pump(self.txq, self.rxq)
             if self._fresh and self.port.first_ns:  # a burst came: when?
-                self.arrivals.seen(self.port.first_ns)
+                if self._first_wait:  # the pump was polling: it saw it come
+                    self.arrivals.seen(self.port.first_ns)
+                else:
+                    self.arrivals.seen(min(self.port.first_ns, self.arrivals.arrived(self._woke)))
                 self.early_hits += bool(self._first_wait)
             self._fresh, self._first_wait = False, 0
             if getattr(self.port, "throttled", False):
@@ -287,6 +317,7 @@ class QueuePairWorker:
                 wake_at = lib.gw_now_ns() + timeout_ns
             self.sleeps += 1
             ready = _poll(fds, timeout_ns)
+            self._woke = lib.gw_now_ns()
             for fd in ready:
                 if fd not in self.port.fds:
                     _drain(fd)
