@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include <sys/socket.h>
 #include <linux/if_xdp.h>
 #include <xdp/xsk.h>
@@ -613,4 +614,38 @@ long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
         if (t - start >= budget_ns)
             return moved;
     }
+}
+
+int gw_pump_sleep(struct gw_pump *p, const int *fds, const uint8_t *flags, short *revents,
+                  unsigned n, int64_t timeout_ns, uint64_t poll_until_ns, uint64_t spin_ns,
+                  uint64_t budget_ns)
+{
+    int r = gw_poll(fds, revents, n, timeout_ns);
+    uint64_t v;
+
+    p->woke_ns = now_ns();
+    p->pumped = 0;
+    p->early = 0;
+    if (r < 0)
+        return r;
+    for (unsigned i = 0; i < n; i++)
+        if (revents[i] && (flags[i] & GW_WAKE_RETURN))
+            return r;
+    for (unsigned i = 0; i < n; i++)
+        if (revents[i] && (flags[i] & GW_WAKE_DRAIN) && read(fds[i], &v, sizeof(v)) < 0)
+            v = 0;                  /* empty already (EAGAIN): nothing to drain */
+    if (r == 0) {
+        if (poll_until_ns <= p->woke_ns)
+            return 0;               /* a plain timeout, or the window passed while we woke */
+        p->early = 1;
+        p->first_wait_ns = poll_until_ns - p->woke_ns;
+    }
+    /* The guest's kicks off while we poll anyway (the worker asked for them
+       to sleep): one it sent during the run would only end the next sleep at
+       once, for nothing. An error here shows in the run (vq->error). */
+    gw_vq_set_notify(p->txq, 0);
+    p->moved = gw_pump_run(p, spin_ns, budget_ns);
+    p->first_wait_ns = 0;
+    p->pumped = 1;
+    return r;
 }

@@ -91,7 +91,7 @@ def parse_cpus(text: str) -> list[int]:
 @click.option("--cpus", metavar="LIST", help="run data-path workers on these CPUs, e.g. 2,3 or 2-5")
 @click.option("--busy-poll-us", type=click.IntRange(0, 1_000_000), metavar="US",
               help="workers poll this long after the last frame before sleeping "
-                   "[default: 50]; e.g. 20000 for DPDK-like latency, at a CPU per busy worker")
+                   "[default: 150]; e.g. 20000 for DPDK-like latency, at a CPU per busy worker")
 @click.option("--config", "config_file", metavar="FILE",
               type=click.Path(dir_okay=False),
               help="apply this device file (as `gateway apply`) at start and on SIGHUP")

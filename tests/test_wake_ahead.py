@@ -98,6 +98,12 @@ def test_a_senders_late_tail_widens_the_window_on_its_late_side_only():
     due = a.last + a.gap
     assert until == due + 90_000 + SLACK_NS  # the second latest
     assert a.last + sleep == due - SLACK_NS - WAKE_LATE_NS  # the early side as before
+    # a tail longer than the budget: the window goes as far as the budget does
+    for late in (0, 0, 0, 2 * MS, 0, 0, 2 * MS, 0):
+        a.seen(a.last + 10 * MS + late)
+        a.seen(a.last + 10 * MS - late)
+    sleep, until = a.window(a.last)
+    assert until - (a.last + sleep) == DUTY * a.gap
 
 
 def test_a_frame_that_woke_the_worker_is_dated_back_by_the_wake_up():
@@ -243,6 +249,35 @@ def test_a_frame_from_the_wire_is_stamped_and_learned(device):
     until(lambda: w.arrivals.last != 0, "the worker never learned the arrival")
     assert before < w.arrivals.last <= lib.gw_now_ns()  # the pump's CLOCK_MONOTONIC stamp
     assert w.early_wakes == 0 and w.arrivals.gaps == []  # one arrival: nothing to predict
+    # forwarded by the pump run in the sleep's own C call (gw_pump_sleep), not
+    # after a return to Python
+    assert w.pumped_wakes >= 1
+
+
+def test_pump_sleep_returns_without_a_run_for_python_work_and_plain_timeouts():
+    """gw_pump_sleep's branches that must not run the pump (a zeroed pump would
+    crash if they did): a RETURN fd ready (the worker's eventfd: stop, posted
+    frames), a timeout with no window, a window that passed while it woke."""
+    p = ffi.new("struct gw_pump *")
+    a, k = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    fds, flags = ffi.new("int[]", [a, k]), ffi.new("uint8_t[]", [lib.GW_WAKE_RETURN,
+                                                                lib.GW_WAKE_DRAIN])
+    revents = ffi.new("short[]", 2)
+    try:
+        os.eventfd_write(a, 1)
+        os.eventfd_write(k, 1)
+        before = lib.gw_now_ns()
+        assert lib.gw_pump_sleep(p, fds, flags, revents, 2, -1, 0, 0, 0) == 2
+        assert (p.pumped, bool(revents[0]), bool(revents[1])) == (0, True, True)
+        assert before <= p.woke_ns <= lib.gw_now_ns()
+        assert os.eventfd_read(a) == 1 and os.eventfd_read(k) == 1  # Python drains these
+        assert lib.gw_pump_sleep(p, fds, flags, revents, 2, 1_000, 0, 0, 0) == 0
+        assert (p.pumped, p.early) == (0, 0)
+        assert lib.gw_pump_sleep(p, fds, flags, revents, 2, 1_000, before, 0, 0) == 0
+        assert (p.pumped, p.early) == (0, 0)  # the window passed
+    finally:
+        os.close(a)
+        os.close(k)
 
 
 def _history_due_in(w, ms: int) -> None:

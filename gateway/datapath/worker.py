@@ -99,9 +99,10 @@ class Arrivals:
     vCPU's wake-up: 50-200 us on the test VM), so the worker sleeps that
     much less: `late`, the second largest of the last HISTORY lateness
     measures (`woke_late`), WAKE_LATE_NS until there are some. The whole
-    (late + window) must fit within MAX_WINDOW_NS and DUTY of the gap: so
-    the polling costs at most DUTY of a CPU, and nothing when traffic is
-    irregular. A due time that passed (the frame came late and woke us, or
+    (late + window) must fit within MAX_WINDOW_NS and DUTY of the gap, the
+    late side cut short to fit, and no window at all if even the early side
+    twice does not: so the polling costs at most DUTY of a CPU, and nothing
+    when traffic is irregular. A due time that passed (the frame came late and woke us, or
     never came) moves on by whole gaps, to PHASE_KEEP gaps after the last
     burst; then nothing more is offered until the next one.
     """
@@ -153,8 +154,10 @@ class Arrivals:
             return None
         early = 3 * self.dev + SLACK_NS  # +-3 MAD: ~19 frames in 20, if normal ...
         late = max(3 * self.dev, self.tail) + SLACK_NS  # ... but a sender's lateness has a tail
-        if self.late + early + late > min(MAX_WINDOW_NS, DUTY * self.gap):
+        budget = min(MAX_WINDOW_NS, DUTY * self.gap)
+        if self.late + 2 * early > budget:
             return None
+        late = min(late, budget - self.late - early)  # the tail as far as the budget goes
         due = self.last + self.gap
         for _ in range(self.PHASE_KEEP - 1):  # passed: the frame was late, or lost
             if due - early - self.late > now:
@@ -200,6 +203,7 @@ class QueuePairWorker:
         self.sleeps = 0  # times the worker slept (poll)
         self.early_wakes = 0  # ... and woke ahead of a predicted burst
         self.early_hits = 0  # ... that then came within the window
+        self.pumped_wakes = 0  # sleeps whose pump run followed in the same C call
         self._first_wait = 0  # the pump's first-frame window after an early wake
         self._fresh = False  # the next pump run starts after a sleep
         self._woke = 0  # when the last sleep ended
@@ -238,7 +242,9 @@ class QueuePairWorker:
         try:
             while not self._stop:
                 if not self._pass():
-                    self._sleep()
+                    # a sleep whose pump run went idle again may go on sleeping
+                    while self._sleep() and not self._stop and not self.control:
+                        pass
         except RingBroken as e:
             self.on_broken(str(e))
         except Exception:  # a bug here must not kill the daemon silently
@@ -257,13 +263,7 @@ class QueuePairWorker:
                 moved = pump(self.txq, self.rxq, self._first_wait)
             else:
                 moved = pump(self.txq, self.rxq)
-            if self._fresh and self.port.first_ns:  # a burst came: when?
-                if self._first_wait:  # the pump was polling: it saw it come
-                    self.arrivals.seen(self.port.first_ns)
-                else:
-                    self.arrivals.seen(min(self.port.first_ns, self.arrivals.arrived(self._woke)))
-                self.early_hits += bool(self._first_wait)
-            self._fresh, self._first_wait = False, 0
+            self._learn()
             if getattr(self.port, "throttled", False):
                 self._throttle()
             return moved
@@ -277,6 +277,16 @@ class QueuePairWorker:
             self._throttle()
         return bool(n or k)
 
+    def _learn(self) -> None:
+        """After the pump's first run since a sleep: when did a burst come?"""
+        if self._fresh and self.port.first_ns:
+            if self._first_wait:  # the pump was polling: it saw it come
+                self.arrivals.seen(self.port.first_ns)
+            else:
+                self.arrivals.seen(min(self.port.first_ns, self.arrivals.arrived(self._woke)))
+            self.early_hits += bool(self._first_wait)
+        self._fresh, self._first_wait = False, 0
+
     def _throttle(self) -> None:
         """A guest made this pass walk descriptors for nothing (issue 12): pause
         GW_THROTTLE_MS, so it costs a bounded share of a CPU. Only the wake
@@ -287,7 +297,12 @@ class QueuePairWorker:
         if p.poll(lib.GW_THROTTLE_MS):
             _drain(self._wake)  # the next pass sends posted frames; stop() set _stop
 
-    def _sleep(self) -> None:
+    def _sleep(self) -> bool:
+        """Sleep until a kick, a frame, a wake-up or a timer. An AF_XDP port
+        sleeps and runs the pump after it in one C call (XdpQueue.sleep), so
+        no Python runs between a frame's wake-up and its forwarding. True if
+        that pump run went idle again: the worker may sleep at once."""
+        went = None
         rx_notify, tx_notify = self.notify()
         fds = [self._wake]
         timeout = None
@@ -316,22 +331,36 @@ class QueuePairWorker:
                 timeout_ns = ahead[0]
                 wake_at = lib.gw_now_ns() + timeout_ns
             self.sleeps += 1
-            ready = _poll(fds, timeout_ns)
-            self._woke = lib.gw_now_ns()
+            sleep = getattr(self.port, "sleep", None)
+            if sleep is not None and not backlog:
+                ready, went = sleep(self.txq, self.rxq, fds, {self._wake},
+                                    {self.tx_kick} if self.tx_kick in fds else set(),
+                                    timeout_ns, ahead[1] if ahead is not None else 0)
+                self._woke = self.port.woke_ns
+            else:
+                ready = _poll(fds, timeout_ns)
+                self._woke = lib.gw_now_ns()
             for fd in ready:
                 if fd not in self.port.fds:
                     _drain(fd)
             if ahead is not None:
-                now = lib.gw_now_ns()
+                now = self._woke
                 if now >= wake_at:  # the timer ran out (a frame may have come meanwhile)
                     self.arrivals.woke_late(now - wake_at)
                 if not ready and ahead[1] > now:  # woke ahead: poll for the burst
                     self.early_wakes += 1
                     self._first_wait = ahead[1] - now
             self._fresh = True
+            if went is not None:  # the pump ran in that call: what _pass does after it
+                self.pumped_wakes += 1
+                self._learn()
+                if getattr(self.port, "throttled", False):
+                    self._throttle()
+                    went = True
         self.txq.set_notify(False)
         if backlog:
             self.rxq.set_notify(False)
+        return went is False
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
