@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 
 import pytest
@@ -29,12 +28,7 @@ from gateway.datapath.worker import (
     Arrivals,
     _poll,
 )
-from gateway.datapath.xdp_port import XdpPort
-from gateway.registry import Registry
-from gateway.testing.frontend import Frontend
-from gateway.testing.netns import topology
-from gateway.vhost.transport import VhostService
-from gateway.xdp.nic import Nic
+from gateway.testing.wired import wired_guest
 
 MS = 1_000_000
 GUEST_MAC = "52:54:00:aa:00:15"
@@ -166,32 +160,19 @@ def test_poll_reports_the_ready_fds_and_times_out():
 
 # -- the worker ----------------------------------------------------------------------
 
+def _no_ipv6(topo) -> None:
+    """No IPv6 on the far host: its router solicitations and MLD reports would
+    wake the worker at random (these tests count wake-ups)."""
+    topo.run("sysctl", "-qw", f"net.ipv6.conf.{topo.peer}.disable_ipv6=1")
+
+
 @pytest.fixture
 def device(tmp_path):
-    with topology() as topo:
-        # No IPv6 on the far host: its router solicitations and MLD reports
-        # would wake the worker at random (these tests count wake-ups).
-        topo.run("sysctl", "-qw", f"net.ipv6.conf.{topo.peer}.disable_ipv6=1")
-        nic = Nic(topo.nic)
-        service = VhostService().start()
-        port = XdpPort(nic, "vm15", GUEST_MAC)
-        started = threading.Event()
-        registry = Registry()
-        registry.register_callbacks(on_new_device=lambda d: started.set())
-        dev = registry.create("vm15", port)
-        path = str(tmp_path / "vm15.sock")
-        service.listen(dev, path)
-        try:
-            with Frontend(path) as fe:
-                fe.connect().setup()
-                assert started.wait(TIMEOUT)
-                fe.post_rx(64)
-                dev.topo = topo  # for tests that send from the far host
-                yield dev
-        finally:
-            service.stop()
-            port.close()
-            nic.close()
+    with wired_guest(str(tmp_path), GUEST_MAC, name="vm15", on_topology=_no_ipv6) as (
+            topo, _port, dev, fe):
+        fe.post_rx(64)
+        dev.topo = topo  # for tests that send from the far host
+        yield dev
 
 
 def until(cond, what: str) -> None:
@@ -316,31 +297,14 @@ def test_idle_worker_wakes_ahead_once_then_stays_asleep(device):
 def test_wake_ahead_can_be_switched_off(tmp_path):
     worker.set_wake_ahead(False)
     try:
-        with topology() as topo:
-            nic = Nic(topo.nic)
-            service = VhostService().start()
-            port = XdpPort(nic, "vm16", GUEST_MAC)
-            started = threading.Event()
-            registry = Registry()
-            registry.register_callbacks(on_new_device=lambda d: started.set())
-            dev = registry.create("vm16", port)
-            path = str(tmp_path / "vm16.sock")
-            service.listen(dev, path)
-            try:
-                with Frontend(path) as fe:
-                    fe.connect().setup()
-                    assert started.wait(TIMEOUT)
-                    w, _ = dev.workers[0]
-                    assert not w.wake_ahead
-                    _history_due_in(w, 150)
-                    before = w.sleeps
-                    w.post(bytes(60))
-                    until(lambda: w.sleeps >= before + 1, "the worker never slept again")
-                    time.sleep(0.3)  # past the due time: an early wake-up would have come
-                    assert w.early_wakes == 0
-            finally:
-                service.stop()
-                port.close()
-                nic.close()
+        with wired_guest(str(tmp_path), GUEST_MAC, name="vm16") as (_topo, _port, dev, _fe):
+            w, _ = dev.workers[0]
+            assert not w.wake_ahead
+            _history_due_in(w, 150)
+            before = w.sleeps
+            w.post(bytes(60))
+            until(lambda: w.sleeps >= before + 1, "the worker never slept again")
+            time.sleep(0.3)  # past the due time: an early wake-up would have come
+            assert w.early_wakes == 0
     finally:
         worker.set_wake_ahead(True)

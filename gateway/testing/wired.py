@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from gateway.datapath.xdp_port import XdpPort
 from gateway.registry import Registry
@@ -24,20 +24,24 @@ TIMEOUT = 20
 
 
 @contextlib.contextmanager
-def wired_guest(sock_dir: str, mac: str, **port_args
+def wired_guest(sock_dir: str, mac: str, *, name: str = "vm0",
+                on_topology: Callable[[Topology], None] = lambda topo: None, **port_args
                 ) -> Iterator[tuple[Topology, XdpPort, VhostDevice, Frontend]]:
     """Yields (topology, port, device, front-end) once the guest's queues run;
-    everything is torn down on exit. `port_args` go to XdpPort (mtu, vlan...)."""
+    everything is torn down on exit. `port_args` go to XdpPort (mtu, vlan...);
+    `on_topology` runs before anything is attached (e.g. a sysctl on the far
+    host that must hold from the first frame)."""
     with topology() as topo:
+        on_topology(topo)
         nic = Nic(topo.nic)
         service = VhostService().start()
         started = threading.Event()
         registry = Registry()
         registry.register_callbacks(on_new_device=lambda d: started.set())
-        port = XdpPort(nic, "vm0", mac, **port_args)
+        port = XdpPort(nic, name, mac, **port_args)
         try:
-            dev = registry.create("vm0", port, max_mtu=port.max_mtu)
-            path = os.path.join(sock_dir, "vm0.sock")
+            dev = registry.create(name, port, max_mtu=port.max_mtu)
+            path = os.path.join(sock_dir, f"{name}.sock")
             service.listen(dev, path)
             with Frontend(path, queue_size=256, mem_size=32 << 20) as fe:
                 fe.connect().setup()
