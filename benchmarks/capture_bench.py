@@ -62,19 +62,12 @@ def gateway(topo) -> Iterator[tuple[str, XdpPort]]:
 
 READER = """
 import os, sys, json
-from gateway.capture_reader import BUSY_MS, POLL_MS, _Rings
+from gateway.capture_reader import BUSY_MS, POLL_MS, Result, _drain, _Rings
 fd, layout = int(sys.argv[1]), json.loads(sys.argv[2])
-rings, out, frames = _Rings(fd, layout), os.open(os.devnull, os.O_WRONLY), 0
+rings, out, res = _Rings(fd, layout), os.open(os.devnull, os.O_WRONLY), Result(0, 0, None)
 os.set_blocking(0, False)
 while True:
-    busy = False
-    while True:  # as capture_reader._drain, then its poll() timeouts
-        data, n = rings.take(1 << 62)
-        if not n:
-            break
-        os.write(out, data)
-        frames += n
-        busy = True
+    busy = _drain(rings, out, None, res)  # then capture_reader's poll() timeouts
     try:
         if os.read(0, 1) == b"":  # stdin closed: the run is over
             break
@@ -82,7 +75,7 @@ while True:
         pass
     import select
     select.select([0], [], [], (BUSY_MS if busy else POLL_MS) / 1000)
-print(frames)
+print(res.frames)
 """
 
 

@@ -2,6 +2,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#include <errno.h>
+#include <sys/uio.h>
 #include <linux/if_xdp.h>
 #include <xdp/xsk.h>
 
@@ -64,12 +66,13 @@ int gw_cap_add(struct gw_cap *c, uint32_t dir, const uint8_t *f, uint32_t len, u
         off = 0;
     }
     r = (struct gw_cap_rec *)(c->data + off);
-    r->ts_ns = ts_ns ? ts_ns : realtime_ns();
     r->reclen = (uint32_t)need;
-    r->origlen = len;
-    r->caplen = caplen;
     r->flags = dir;
-    r->reserved = 0;
+    r->ts_ns = ts_ns ? ts_ns : realtime_ns();
+    r->ts_sec = (uint32_t)(r->ts_ns / 1000000000u);
+    r->ts_nsec = (uint32_t)(r->ts_ns % 1000000000u);
+    r->caplen = caplen;
+    r->origlen = len;
     memcpy(r + 1, f, caplen);
     c->head += pad + need;
     c->frames++;
@@ -135,15 +138,17 @@ static int rec_ok(const struct gw_cap_view *v, uint64_t pos, uint64_t head,
            && r->caplen <= r->origlen && rec_bytes(r->caplen) == r->reclen;
 }
 
+/* A record's pcap record (its header's last 16 bytes and the frame). */
+static const uint8_t *pcap_rec(const struct gw_cap_rec *r)
+{
+    return (const uint8_t *)&r->ts_sec;
+}
+
 /* One frame as a pcap record or a pcapng EPB at out; returns its bytes. */
 static uint64_t put_record(uint8_t *out, const struct gw_cap_rec *r, int pcapng)
 {
-    uint32_t sec = (uint32_t)(r->ts_ns / 1000000000u), nsec = (uint32_t)(r->ts_ns % 1000000000u);
-
     if (!pcapng) {
-        uint32_t h[4] = { sec, nsec, r->caplen, r->origlen };
-        memcpy(out, h, sizeof(h));
-        memcpy(out + 16, r + 1, r->caplen);
+        memcpy(out, pcap_rec(r), 16 + (size_t)r->caplen);
         return 16 + (uint64_t)r->caplen;
     }
     {
@@ -166,14 +171,9 @@ static uint64_t put_record(uint8_t *out, const struct gw_cap_rec *r, int pcapng)
     }
 }
 
-long gw_cap_to_pcap(struct gw_cap_view *v, unsigned n, uint8_t *out, uint64_t outcap,
-                    uint64_t max_frames, uint64_t *frames, unsigned *bad, int pcapng)
+/* The rings' heads, checked; 0, or -1 with *bad set. */
+static int load_heads(struct gw_cap_view *v, unsigned n, uint64_t *heads, unsigned *bad)
 {
-    uint64_t heads[GW_PUMP_MAX_RX], used = 0, got = 0;
-
-    *frames = 0;
-    if (n > GW_PUMP_MAX_RX)
-        n = GW_PUMP_MAX_RX;
     for (unsigned i = 0; i < n; i++) {
         heads[i] = __atomic_load_n(&v[i].sh->head, __ATOMIC_ACQUIRE);
         if (heads[i] - v[i].tail > v[i].size) {
@@ -181,40 +181,140 @@ long gw_cap_to_pcap(struct gw_cap_view *v, unsigned n, uint8_t *out, uint64_t ou
             return -1;
         }
     }
-    while (got < max_frames) {
-        const struct gw_cap_rec *best = NULL;
-        unsigned bi = 0;
+    return 0;
+}
 
-        for (unsigned i = 0; i < n; i++) {
-            const struct gw_cap_rec *r;
+/* The next frame over the rings by timestamp, pads skipped (each ring's
+   private tail moves past them): NULL if none, *bi its ring; *err -1 with
+   *bad set for a record no producer writes. */
+static const struct gw_cap_rec *next_rec(struct gw_cap_view *v, unsigned n, const uint64_t *heads,
+                                         unsigned *bi, unsigned *bad, int *err)
+{
+    const struct gw_cap_rec *best = NULL;
 
-            /* pads first, so each ring shows its next frame */
-            while (v[i].tail != heads[i]) {
-                r = (const struct gw_cap_rec *)(v[i].data + (v[i].tail & (v[i].size - 1)));
-                if (!rec_ok(&v[i], v[i].tail, heads[i], r)) {
-                    *bad = i;
-                    return -1;
-                }
-                if (r->flags != GW_CAP_PAD)
-                    break;
-                v[i].tail += r->reclen;
-            }
-            if (v[i].tail == heads[i])
-                continue;
+    *err = 0;
+    for (unsigned i = 0; i < n; i++) {
+        const struct gw_cap_rec *r;
+
+        /* pads first, so each ring shows its next frame */
+        while (v[i].tail != heads[i]) {
             r = (const struct gw_cap_rec *)(v[i].data + (v[i].tail & (v[i].size - 1)));
-            if (!best || r->ts_ns < best->ts_ns) {
-                best = r;
-                bi = i;
+            if (!rec_ok(&v[i], v[i].tail, heads[i], r)) {
+                *bad = i;
+                *err = -1;
+                return NULL;
             }
+            if (r->flags != GW_CAP_PAD)
+                break;
+            v[i].tail += r->reclen;
         }
+        if (v[i].tail == heads[i])
+            continue;
+        r = (const struct gw_cap_rec *)(v[i].data + (v[i].tail & (v[i].size - 1)));
+        if (!best || r->ts_ns < best->ts_ns) {
+            best = r;
+            *bi = i;
+        }
+    }
+    return best;
+}
+
+static void release_tails(struct gw_cap_view *v, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++)
+        __atomic_store_n(&v[i].sh->tail, v[i].tail, __ATOMIC_RELEASE);
+}
+
+long gw_cap_to_pcap(struct gw_cap_view *v, unsigned n, uint8_t *out, uint64_t outcap,
+                    uint64_t max_frames, uint64_t *frames, unsigned *bad, int pcapng)
+{
+    uint64_t heads[GW_PUMP_MAX_RX], used = 0, got = 0;
+    int err;
+
+    *frames = 0;
+    if (n > GW_PUMP_MAX_RX)
+        n = GW_PUMP_MAX_RX;
+    if (load_heads(v, n, heads, bad) < 0)
+        return -1;
+    while (got < max_frames) {
+        unsigned bi = 0;
+        const struct gw_cap_rec *best = next_rec(v, n, heads, &bi, bad, &err);
+
+        if (err)
+            return -1;
         if (!best || used + (pcapng ? epb_bytes(best->caplen) : 16 + best->caplen) > outcap)
             break;
         used += put_record(out + used, best, pcapng);
         v[bi].tail += best->reclen;
         got++;
     }
-    for (unsigned i = 0; i < n; i++)
-        __atomic_store_n(&v[i].sh->tail, v[i].tail, __ATOMIC_RELEASE);
+    release_tails(v, n);
+    *frames = got;
+    return (long)used;
+}
+
+/* All of iov[0..cnt) to fd; 0 or -errno. */
+static int write_all(int fd, struct iovec *iov, int cnt)
+{
+    while (cnt > 0) {
+        ssize_t w = writev(fd, iov, cnt);
+
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        while (cnt > 0 && (size_t)w >= iov->iov_len) {
+            w -= (ssize_t)iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + w;
+            iov->iov_len -= (size_t)w;
+        }
+    }
+    return 0;
+}
+
+long gw_cap_write(struct gw_cap_view *v, unsigned n, int fd, uint64_t max_frames,
+                  uint64_t *frames, unsigned *bad)
+{
+    uint64_t heads[GW_PUMP_MAX_RX], used = 0, got = 0;
+    struct iovec iov[GW_CAP_IOV];
+    int err;
+
+    *frames = 0;
+    if (n > GW_PUMP_MAX_RX)
+        n = GW_PUMP_MAX_RX;
+    if (load_heads(v, n, heads, bad) < 0)
+        return -1;
+    for (;;) {
+        int cnt = 0, r;
+
+        while (cnt < GW_CAP_IOV && got < max_frames) {
+            unsigned bi = 0;
+            const struct gw_cap_rec *best = next_rec(v, n, heads, &bi, bad, &err);
+
+            if (err)
+                return -1;
+            if (!best)
+                break;
+            iov[cnt].iov_base = (void *)pcap_rec(best);
+            iov[cnt].iov_len = 16 + (size_t)best->caplen;
+            used += iov[cnt].iov_len;
+            cnt++;
+            v[bi].tail += best->reclen;
+            got++;
+        }
+        if (!cnt)
+            break;
+        r = write_all(fd, iov, cnt);
+        if (r < 0)
+            return r;
+        release_tails(v, n);    /* written: the producer may have that room back */
+        *frames = got;
+    }
     *frames = got;
     return (long)used;
 }

@@ -40,14 +40,18 @@ struct gw_cap_shared {
 };
 
 /* One record at data + (pos % size), 32-byte aligned, never split by the
-   wrap (a GW_CAP_PAD record fills the end instead). */
+   wrap (a GW_CAP_PAD record fills the end instead). Its last 16 bytes are
+   the frame's pcap record header (nanosecond pcap, host order), and the
+   frame follows: the reader writes a pcap record straight from the ring
+   (gw_cap_write), without copying it first. */
 struct gw_cap_rec {
-    uint64_t ts_ns;          /* CLOCK_REALTIME when copied */
     uint32_t reclen;         /* this record's bytes, header and padding included */
-    uint32_t origlen;        /* the frame's length */
-    uint32_t caplen;         /* bytes copied (<= snaplen) */
     uint32_t flags;          /* GW_CAP_* */
-    uint64_t reserved;
+    uint64_t ts_ns;          /* CLOCK_REALTIME when copied */
+    uint32_t ts_sec;         /* pcap: ts_ns in seconds ... */
+    uint32_t ts_nsec;        /* ... and nanoseconds */
+    uint32_t caplen;         /* pcap: bytes copied (<= snaplen) */
+    uint32_t origlen;        /* pcap: the frame's length */
 };
 
 /* The producer's private view of a ring (daemon memory, not shared). */
@@ -105,3 +109,14 @@ void gw_cap_frames(struct gw_local *local, uint32_t dir, const uint8_t *base,
    ring). */
 long gw_cap_to_pcap(struct gw_cap_view *v, unsigned n, uint8_t *out, uint64_t outcap,
                     uint64_t max_frames, uint64_t *frames, unsigned *bad, int pcapng);
+
+/* Reader, pcap: as gw_cap_to_pcap, but written to fd straight from the rings
+   (writev of each record's pcap header and bytes, GW_CAP_IOV records a
+   call), each ring's tail advanced once its records are written: a copy
+   fewer, at 1.5 GB/s of 1500-byte frames a good part of a CPU. Blocks while
+   fd does (the reader may wait; the workers never do); EINTR is retried.
+   Returns the bytes written, -1 for a record no producer writes (*bad: which
+   ring), or -errno if writing failed (-EPIPE: the reader of a pipe left). */
+long gw_cap_write(struct gw_cap_view *v, unsigned n, int fd, uint64_t max_frames,
+                  uint64_t *frames, unsigned *bad);
+#define GW_CAP_IOV 256

@@ -159,6 +159,17 @@ class _Rings:
                                 "never writes: stopping")
         return memoryview(ffi.buffer(self._out, got)), self._frames[0]
 
+    def write(self, fd: int, max_frames: int) -> int:
+        """Waiting records (at most max_frames) written to fd as pcap straight
+        from the rings (gw_cap_write: no copy on our side); how many."""
+        got = lib.gw_cap_write(self.views, self.n, fd, max_frames, self._frames, self._bad)
+        if got == -1:
+            raise CaptureFailed(f"capture ring {self._bad[0]} holds a record the daemon "
+                                "never writes: stopping")
+        if got < 0:
+            raise OSError(-got, os.strerror(-got))
+        return self._frames[0]
+
     def dropped(self) -> int:
         return sum(self.views[i].sh.dropped for i in range(self.n))
 
@@ -262,10 +273,15 @@ def _drain(rings: _Rings, out_fd: int, count: int | None, res: Result) -> bool:
     """Everything waiting (up to `count`) to out_fd; True if there was some."""
     moved = False
     while count is None or res.frames < count:
-        data, n = rings.take((count - res.frames) if count is not None else 1 << 62)
+        left = (count - res.frames) if count is not None else 1 << 62
+        if rings.pcapng:  # pcapng blocks are built in a buffer of ours
+            data, n = rings.take(left)
+            if n:
+                _write_all(out_fd, data)
+        else:  # pcap records are written from the rings themselves
+            n = rings.write(out_fd, left)
         if not n:
             return moved
-        _write_all(out_fd, data)
         res.frames += n
         moved = True
     return moved

@@ -243,6 +243,50 @@ class FakePort:
         return True
 
 
+def test_pcap_written_straight_from_two_rings_in_order_and_a_gone_reader(tmp_path):
+    """gw_cap_write: the pcap records come out of the rings themselves (no copy
+    of ours), merged by timestamp, more than one writev's worth; the tails move
+    only past what was written; a pipe whose reader left is EPIPE."""
+    rings = Rings(Layout(2, lib.GW_CAP_MIN_RING), snaplen=100, dirs=lib.GW_CAP_TX)
+    view = _Rings(rings.fd, {"rings": 2, "ring_size": lib.GW_CAP_MIN_RING,
+                             "stride": HEADER + lib.GW_CAP_MIN_RING, "header": HEADER})
+    n = lib.GW_CAP_IOV + 44  # two writev calls
+    frames = {ts: bytes([ts % 256]) * (20 + ts % 150) for ts in range(1, n + 1)}
+    try:
+        for ts in range(1, n + 1):
+            lib.gw_cap_put(rings.caps[ts % 2], lib.GW_CAP_TX, frames[ts], len(frames[ts]),
+                           ts * 1_000_000_007)  # seconds and nanoseconds both move
+        out = tmp_path / "out.pcap"
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT)
+        try:
+            assert view.write(fd, n - 10) == n - 10  # -c: stops where asked
+            assert view.write(fd, 100) == 10
+            assert view.write(fd, 100) == 0
+        finally:
+            os.close(fd)
+        data, off, got = out.read_bytes(), 0, []
+        while off < len(data):
+            sec, nsec, caplen, origlen = struct.unpack_from("<IIII", data, off)
+            got.append((sec * 10**9 + nsec, data[off + 16: off + 16 + caplen], origlen))
+            off += 16 + caplen
+        assert [t for t, _, _ in got] == [ts * 1_000_000_007 for ts in range(1, n + 1)]
+        assert all(f == frames[t // 1_000_000_007][:100] and o == len(frames[t // 1_000_000_007])
+                   for t, f, o in got)  # snaplen 100
+        assert all(c.sh.tail == c.sh.head for c in rings.caps)  # all room given back
+        # the reader of a pipe went away: EPIPE
+        lib.gw_cap_put(rings.caps[0], lib.GW_CAP_TX, b"p" * 60, 60, 0)
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            with pytest.raises(BrokenPipeError):
+                view.write(w, 100)
+        finally:
+            os.close(w)
+    finally:
+        view.close()
+        rings.close()
+
+
 def test_captures_together_hold_a_bounded_amount_of_memory():
     assert Captures().max_total == MAX_TOTAL == 512 << 20 >= 2 * MAX_BUFFER_KIB * 1024
     # the same rule at a smaller scale (rings are populated when they are made)
