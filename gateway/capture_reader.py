@@ -4,8 +4,10 @@
 The capture's own connection to the control socket brings the rings' memfd
 (SCM_RIGHTS) and stays open: closing it ends the capture, a line from the
 daemon says it ended there (the device went away). The reader maps the rings,
-and a C call (gw_cap_to_pcap) moves records into pcap records, merged across
-queue pairs by timestamp; after each drain it sleeps in poll() on the
+and a C call writes the records as pcap records straight from the rings
+(gw_cap_write: each record's header ends with its pcap header, so writev
+needs no copy of ours), merged across queue pairs by timestamp; pcapng
+blocks are built in a buffer first (gw_cap_to_pcap). After each drain it sleeps in poll() on the
 connection, BUSY_MS if frames came, POLL_MS if none did (a reader that
 spins would take a CPU from the traffic it watches). It is the only one that waits: the
 workers drop and count what does not fit.
