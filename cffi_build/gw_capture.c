@@ -285,6 +285,7 @@ long gw_cap_write(struct gw_cap_view *v, unsigned n, int fd, uint64_t max_frames
     int err;
 
     *frames = 0;
+    *bad = ~0u;
     if (n > GW_PUMP_MAX_RX)
         n = GW_PUMP_MAX_RX;
     if (load_heads(v, n, heads, bad) < 0)
@@ -307,8 +308,10 @@ long gw_cap_write(struct gw_cap_view *v, unsigned n, int fd, uint64_t max_frames
             v[bi].tail += best->reclen;
             got++;
         }
-        if (!cnt)
+        if (!cnt) {
+            release_tails(v, n);    /* pads skipped at the end */
             break;
+        }
         r = write_all(fd, iov, cnt);
         if (r < 0)
             return r;

@@ -115,8 +115,9 @@ long gw_cap_to_pcap(struct gw_cap_view *v, unsigned n, uint8_t *out, uint64_t ou
    call), each ring's tail advanced once its records are written: a copy
    fewer, at 1.5 GB/s of 1500-byte frames a good part of a CPU. Blocks while
    fd does (the reader may wait; the workers never do); EINTR is retried.
-   Returns the bytes written, -1 for a record no producer writes (*bad: which
-   ring), or -errno if writing failed (-EPIPE: the reader of a pipe left). */
+   Returns the bytes written; -1 with *bad < n for a record no producer
+   writes (*bad: which ring); else -errno if writing failed (-EPIPE: the
+   reader of a pipe left; *bad is then ~0). */
 long gw_cap_write(struct gw_cap_view *v, unsigned n, int fd, uint64_t max_frames,
                   uint64_t *frames, unsigned *bad);
 #define GW_CAP_IOV 256

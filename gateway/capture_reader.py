@@ -165,7 +165,7 @@ class _Rings:
         """Waiting records (at most max_frames) written to fd as pcap straight
         from the rings (gw_cap_write: no copy on our side); how many."""
         got = lib.gw_cap_write(self.views, self.n, fd, max_frames, self._frames, self._bad)
-        if got == -1:
+        if got < 0 and self._bad[0] < self.n:
             raise CaptureFailed(f"capture ring {self._bad[0]} holds a record the daemon "
                                 "never writes: stopping")
         if got < 0:
