@@ -93,18 +93,25 @@ class Arrivals:
     many on time (an average would). `window(now)` offers (sleep_ns,
     poll_until_ns) -- sleep that long, then poll the rings until then --
     once MIN_SAMPLES gaps are known: from due - (3 MAD + SLACK_NS) to due +
-    (3 MAD, or the second latest gap's excess if larger, + SLACK_NS); a
-    sender's lateness has a tail (a pinger's timer: a few frames 50-150 us
-    late where the MAD is 10-20). A timed wake-up itself runs late (an idle
+    (3 MAD, or the latest gap's excess if larger, + SLACK_NS); a sender's
+    lateness has a tail (a pinger's timer: a few frames 50-150 us late where
+    the MAD is 4-20), and the window's end costs only when a frame is that
+    late (an on-time one ends the polling). A timed wake-up itself runs late (an idle
     vCPU's wake-up: 50-200 us on the test VM), so the worker sleeps that
     much less: `late`, the second largest of the last HISTORY lateness
     measures (`woke_late`), WAKE_LATE_NS until there are some. The whole
-    (late + window) must fit within MAX_WINDOW_NS and DUTY of the gap, the
-    late side cut short to fit, and no window at all if even the early side
-    twice does not: so the polling costs at most DUTY of a CPU, and nothing
-    when traffic is irregular. A due time that passed (the frame came late and woke us, or
-    never came) moves on by whole gaps, to PHASE_KEEP gaps after the last
-    burst; then nothing more is offered until the next one.
+    (lead + window) must fit within MAX_WINDOW_NS and DUTY of the gap: the
+    lead is cut first, to leave the early side twice (a window the timer
+    opens late is still mostly open), then the late side; there is no
+    window only if the early side twice does not fit, i.e. the jitter is
+    too wide (irregular traffic). Refusing a window whenever lead + window
+    did not fit locked a noisy host out: no windows, so only woken arrivals,
+    dated with a noisy wake-up cost, so a wider MAD, so no windows (2 hits
+    in 1000 pings, measured). So the polling costs at most DUTY of a CPU,
+    and nothing when traffic is irregular. A due time that passed (the
+    frame came late and woke us, or never came) moves on by whole gaps, to
+    PHASE_KEEP gaps after the last burst; then nothing more is offered until
+    the next one.
     """
 
     HISTORY = 16
@@ -116,7 +123,7 @@ class Arrivals:
         self.gaps: list[int] = []  # the last HISTORY gaps, oldest first
         self.gap = 0.0  # their median
         self.dev = 0.0  # their median distance from it
-        self.tail = 0.0  # the second latest of them, past the median
+        self.tail = 0.0  # the latest of them, past the median
         self.lates: list[int] = []  # how late the last timed wake-ups ran
         self.late = float(WAKE_LATE_NS)  # ... the second largest
         self.wake_cost = float(WAKE_LATE_NS)  # ... their median
@@ -127,8 +134,7 @@ class Arrivals:
             self.gaps = [*self.gaps[1 - self.HISTORY:], g]
             self.gap = _median(self.gaps)
             self.dev = _median([abs(x - self.gap) for x in self.gaps])
-            late = sorted(x - self.gap for x in self.gaps)
-            self.tail = max(0.0, late[-2]) if len(late) > 1 else 0.0
+            self.tail = max(0.0, max(self.gaps) - self.gap)
         elif self.last and g > MAX_GAP_NS:  # a pause: start over
             self.gaps = []
         self.last = t
@@ -155,15 +161,18 @@ class Arrivals:
         early = 3 * self.dev + SLACK_NS  # +-3 MAD: ~19 frames in 20, if normal ...
         late = max(3 * self.dev, self.tail) + SLACK_NS  # ... but a sender's lateness has a tail
         budget = min(MAX_WINDOW_NS, DUTY * self.gap)
-        if self.late + 2 * early > budget:
-            return None
-        late = min(late, budget - self.late - early)  # the tail as far as the budget goes
+        if 2 * early > budget:
+            return None  # jitter too wide for the budget: irregular traffic
+        # Within the budget, the timer's lead first (a window it opens late
+        # is still mostly open), then the late side as far as it goes.
+        lead = min(self.late, budget - 2 * early)
+        late = min(late, budget - lead - early)
         due = self.last + self.gap
         for _ in range(self.PHASE_KEEP - 1):  # passed: the frame was late, or lost
-            if due - early - self.late > now:
+            if due - early - lead > now:
                 break
             due += self.gap
-        sleep = int(due - early - self.late) - now
+        sleep = int(due - early - lead) - now
         if sleep <= 0:  # due already: the next burst wakes us
             return None
         return sleep, int(due + late)
