@@ -831,6 +831,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             L.mem.regions[i].size = rlen[p];
             L.mem.regions[i].gpa = place_gpa(&in, &L, i, rlen[p]);
             L.mem.regions[i].gpa -= L.mem.regions[i].gpa % ralign[p];
+            /* Aligning down may move it onto the region below, which
+               place_gpa had kept clear of (Python refuses overlaps, and the
+               model's RX writes assume none): then up to the next boundary. */
+            if (gpa_overlaps(&L, i, L.mem.regions[i].gpa, rlen[p])
+                && L.mem.regions[i].gpa < UINT64_MAX - rlen[p] - ralign[p])
+                L.mem.regions[i].gpa += ralign[p];
             L.mem.regions[i].qva = 0x7f0000000000ULL + ((uint64_t)i << 32);
             L.mem.nregions = i + 1;
             rreg[p] = (int)i;
