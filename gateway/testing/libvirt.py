@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from gateway.testing._proc import die_with_parent, signal_group
+from gateway.testing.lifecycle import Started
 
 LIBVIRTD = "libvirtd"
 VIRSH = "virsh"
@@ -53,7 +54,7 @@ def available() -> bool:
     return all(shutil.which(b) for b in (LIBVIRTD, VIRSH, "unshare"))
 
 
-class Libvirtd:
+class Libvirtd(Started):
     def __init__(self, qemu_conf: str = "", *, keep_logs: Path | None = None) -> None:
         """`keep_logs`: a directory the daemon's and QEMU's logs are copied to on close."""
         self.keep_logs = keep_logs
@@ -95,16 +96,6 @@ class Libvirtd:
             if time.monotonic() > deadline:
                 raise LibvirtError(f"libvirtd not answering: {r.stderr}")
             time.sleep(0.2)
-
-    def __enter__(self) -> Libvirtd:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def virsh(self, *args: str, check: bool = True, timeout: float = TIMEOUT
               ) -> subprocess.CompletedProcess:

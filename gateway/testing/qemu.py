@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.testing._proc import die_with_parent, signal_group
+from gateway.testing.lifecycle import Started
 
 QEMU = "qemu-system-x86_64"
 
@@ -79,7 +80,7 @@ class VhostUserNic:
     device_opts: str = ""
 
 
-class QemuGuest:
+class QemuGuest(Started):
     def __init__(
         self,
         kernel: Path | str,
@@ -181,16 +182,6 @@ class QemuGuest:
         self._reader = threading.Thread(target=self._read, name="qemu-console", daemon=True)
         self._reader.start()
         return self
-
-    def __enter__(self) -> QemuGuest:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --------------------------------------------------------------- reader
 
