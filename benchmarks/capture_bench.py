@@ -1,6 +1,6 @@
 """Guest->wire throughput with a `gateway capture` running, against without.
 
-    python benchmarks/capture_bench.py [--seconds 5] [--runs 3] [--sizes 64,1500]
+    python benchmarks/capture_bench.py [--seconds 5] [--runs 5] [--sizes 64,1500]
 
 The gateway's data path in this process (as setups.serve_gateway: workers on
 CPU 0, the testpmd txonly guest on CPU 1), counted on the far veth. With a

@@ -632,8 +632,8 @@ int gw_pump_sleep(struct gw_pump *p, const int *fds, const uint8_t *flags, short
         if (revents[i] && (flags[i] & GW_WAKE_RETURN))
             return r;
     for (unsigned i = 0; i < n; i++)
-        if (revents[i] && (flags[i] & GW_WAKE_DRAIN) && read(fds[i], &v, sizeof(v)) < 0)
-            v = 0;                  /* empty already (EAGAIN): nothing to drain */
+        if (revents[i] && (flags[i] & GW_WAKE_DRAIN))
+            (void)!read(fds[i], &v, sizeof(v));   /* EAGAIN: empty already */
     if (r == 0) {
         if (poll_until_ns <= p->woke_ns)
             return 0;               /* a plain timeout, or the window passed while we woke */

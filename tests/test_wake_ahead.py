@@ -28,6 +28,7 @@ from gateway.datapath.worker import (
     Arrivals,
     _poll,
 )
+from gateway.testing.wait import until as wait_until
 from gateway.testing.wired import wired_guest
 
 MS = 1_000_000
@@ -178,10 +179,7 @@ def device(tmp_path):
 
 
 def until(cond, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.005)  # polling a counter another thread sets
+    wait_until(cond, what, TIMEOUT, every=0.005)  # a counter another thread sets
 
 
 def thread_id(name: str) -> str:
