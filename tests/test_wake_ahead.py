@@ -52,9 +52,10 @@ def test_regular_bursts_get_a_bounded_window_around_the_next_one():
     sleep, until = a.window(now)
     margin = 3 * a.dev + SLACK_NS
     due = a.last + a.gap
-    assert until == due + margin  # poll up to the window's end ...
-    assert now + sleep == due - margin - WAKE_LATE_NS  # ... from a wake-up that runs late
-    assert until - (now + sleep) <= min(MAX_WINDOW_NS, DUTY * a.gap)
+    budget = min(MAX_WINDOW_NS, DUTY * a.gap)
+    assert now + sleep == due - margin - WAKE_LATE_NS  # from a wake-up that runs late ...
+    assert until == due + budget  # ... to the late side's own budget (only late frames pay)
+    assert due - (now + sleep) + margin <= budget  # lead and early side twice: one budget
 
 
 def test_the_wake_up_learns_how_late_its_timer_runs():
@@ -67,8 +68,9 @@ def test_the_wake_up_learns_how_late_its_timer_runs():
     for _ in range(Arrivals.HISTORY):
         a.woke_late(2 * MS)  # a host that wakes us 2 ms late: the lead stays in the budget
     sleep, until = a.window(a.last)
-    assert until - (a.last + sleep) == DUTY * a.gap
-    assert until == a.last + 10 * MS + SLACK_NS  # the window itself kept
+    due = a.last + 10 * MS
+    assert due - (a.last + sleep) == DUTY * a.gap - SLACK_NS  # the lead cut to the budget ...
+    assert until == due + DUTY * a.gap  # ... and the window itself kept
 
 
 def test_no_window_until_enough_gaps_nor_gaps_after_the_last_burst():
@@ -76,31 +78,27 @@ def test_no_window_until_enough_gaps_nor_gaps_after_the_last_burst():
     assert a.window(a.last) is None  # not a pattern yet
     a.seen(a.last + 10 * MS)
     sleep, until = a.window(a.last)
-    assert until == a.last + 10 * MS + SLACK_NS
+    assert until == a.last + 10 * MS + DUTY * a.gap
     # due passed (the frame is late, or lost): the next one, a gap on ...
     sleep, until = a.window(a.last + 10 * MS)
-    assert until == a.last + 20 * MS + SLACK_NS
+    assert until == a.last + 20 * MS + DUTY * a.gap
     # ... up to PHASE_KEEP gaps after the last burst; then the traffic stopped
     assert a.window(a.last + (Arrivals.PHASE_KEEP - 1) * 10 * MS) is not None
     assert a.window(a.last + Arrivals.PHASE_KEEP * 10 * MS) is None
 
 
-def test_a_senders_late_tail_widens_the_window_on_its_late_side_only():
-    a = regular(10 * MS, 20)
-    for late in (0, 0, 0, 120_000, 0, 0, 90_000, 0):  # 2 of 16 gaps late: a pinger's timer
-        a.seen(a.last + 10 * MS + late)
-        a.seen(a.last + 10 * MS - late)  # the next one on time again
-    assert a.gap == 10 * MS and a.dev == 0
-    sleep, until = a.window(a.last)
-    due = a.last + a.gap
-    assert until == due + 120_000 + SLACK_NS  # the latest
-    assert a.last + sleep == due - SLACK_NS - WAKE_LATE_NS  # the early side as before
-    # a tail longer than the budget: the window goes as far as the budget does
-    for late in (0, 0, 0, 2 * MS, 0, 0, 2 * MS, 0):
-        a.seen(a.last + 10 * MS + late)
-        a.seen(a.last + 10 * MS - late)
-    sleep, until = a.window(a.last)
-    assert until - (a.last + sleep) == DUTY * a.gap
+def test_the_late_side_is_a_budget_of_its_own_whatever_the_jitter():
+    """A late frame costs the polling up to it; an on-time one ends it. So the
+    late side reaches the budget even for a sender with no jitter at all,
+    while the early side, paid on every burst, stays the jitter's."""
+    for jitter in (0, 20_000):
+        a = regular(10 * MS, 20, jitter=jitter)
+        sleep, until = a.window(a.last)
+        due = a.last + a.gap
+        assert until == due + DUTY * a.gap
+        assert a.last + sleep == due - (3 * a.dev + SLACK_NS) - WAKE_LATE_NS
+    a = regular(100 * MS, 20)  # 5 % of 100 ms is more than MAX_WINDOW_NS
+    assert a.window(a.last)[1] == a.last + a.gap + MAX_WINDOW_NS
 
 
 def test_a_frame_that_woke_the_worker_is_dated_back_by_the_wake_up():

@@ -92,30 +92,31 @@ class Arrivals:
     milliseconds, and one such outlier must not stop the predictions for the
     many on time (an average would). `window(now)` offers (sleep_ns,
     poll_until_ns) -- sleep that long, then poll the rings until then --
-    once MIN_SAMPLES gaps are known: from due - (3 MAD + SLACK_NS) to due +
-    (3 MAD, or the latest gap's excess if larger, + SLACK_NS); a sender's
-    lateness has a tail (a pinger's timer: a few frames 50-150 us late where
-    the MAD is 4-20), and the window's end costs only when a frame is that
-    late (an on-time one ends the polling). A timed wake-up itself runs late (an idle
-    vCPU's wake-up: 50-200 us on the test VM), so the worker sleeps that
-    much less: `late`, the second largest of the last HISTORY lateness
-    measures (`woke_late`), WAKE_LATE_NS until there are some. The whole
-    (lead + window) must fit within MAX_WINDOW_NS and DUTY of the gap: the
+    once MIN_SAMPLES gaps are known (4: a pinger's fifth frame is the first
+    a window can catch). The budget is DUTY of the gap, MAX_WINDOW_NS at
+    most. A timed wake-up runs late (an idle vCPU's wake-up: 50-200 us on
+    the test VM), so the worker sleeps that much less: `late`, the second
+    largest of the last HISTORY lateness measures (`woke_late`),
+    WAKE_LATE_NS until there are some. That lead and the early side, due -
+    (3 MAD + SLACK_NS), are paid on every burst and share the budget: the
     lead is cut first, to leave the early side twice (a window the timer
-    opens late is still mostly open), then the late side; there is no
-    window only if the early side twice does not fit, i.e. the jitter is
-    too wide (irregular traffic). Refusing a window whenever lead + window
-    did not fit locked a noisy host out: no windows, so only woken arrivals,
-    dated with a noisy wake-up cost, so a wider MAD, so no windows (2 hits
-    in 1000 pings, measured). So the polling costs at most DUTY of a CPU,
-    and nothing when traffic is irregular. A due time that passed (the
-    frame came late and woke us, or never came) moves on by whole gaps, to
-    PHASE_KEEP gaps after the last burst; then nothing more is offered until
-    the next one.
+    opens late is still mostly open); there is no window only if the early
+    side twice does not fit, i.e. the jitter is too wide (irregular
+    traffic). Refusing a window whenever the whole did not fit locked a
+    noisy host out: no windows, so only woken arrivals, dated with a noisy
+    wake-up cost, so a wider MAD, so no windows (2 hits in 1000 pings,
+    measured). The late side is a budget of its own, due + budget: an
+    on-time frame ends the polling, so only a late one pays for it, and a
+    sender's lateness has a tail (a pinger's timer: 2-3 frames in 100 came
+    90-200 us after a window that ended at 3 MAD, measured). So the polling
+    costs at most twice DUTY of a CPU, and nothing when traffic is irregular.
+    A due time that passed (the frame came late and woke us, or never came)
+    moves on by whole gaps, to PHASE_KEEP gaps after the last burst; then
+    nothing more is offered until the next one.
     """
 
     HISTORY = 16
-    MIN_SAMPLES = 8
+    MIN_SAMPLES = 4
     PHASE_KEEP = 3  # due times offered after the last arrival, at most
 
     def __init__(self) -> None:
@@ -123,7 +124,6 @@ class Arrivals:
         self.gaps: list[int] = []  # the last HISTORY gaps, oldest first
         self.gap = 0.0  # their median
         self.dev = 0.0  # their median distance from it
-        self.tail = 0.0  # the latest of them, past the median
         self.lates: list[int] = []  # how late the last timed wake-ups ran
         self.late = float(WAKE_LATE_NS)  # ... the second largest
         self.wake_cost = float(WAKE_LATE_NS)  # ... their median
@@ -134,7 +134,6 @@ class Arrivals:
             self.gaps = [*self.gaps[1 - self.HISTORY:], g]
             self.gap = _median(self.gaps)
             self.dev = _median([abs(x - self.gap) for x in self.gaps])
-            self.tail = max(0.0, max(self.gaps) - self.gap)
         elif self.last and g > MAX_GAP_NS:  # a pause: start over
             self.gaps = []
         self.last = t
@@ -158,15 +157,15 @@ class Arrivals:
     def window(self, now: int) -> tuple[int, int] | None:
         if len(self.gaps) < self.MIN_SAMPLES:
             return None
-        early = 3 * self.dev + SLACK_NS  # +-3 MAD: ~19 frames in 20, if normal ...
-        late = max(3 * self.dev, self.tail) + SLACK_NS  # ... but a sender's lateness has a tail
+        early = 3 * self.dev + SLACK_NS  # +-3 MAD: ~19 frames in 20, if normal
         budget = min(MAX_WINDOW_NS, DUTY * self.gap)
         if 2 * early > budget:
             return None  # jitter too wide for the budget: irregular traffic
         # Within the budget, the timer's lead first (a window it opens late
-        # is still mostly open), then the late side as far as it goes.
+        # is still mostly open), then the early side. The late side is a
+        # budget of its own: an on-time frame ends the polling, so only a
+        # late one pays for it.
         lead = min(self.late, budget - 2 * early)
-        late = min(late, budget - lead - early)
         due = self.last + self.gap
         for _ in range(self.PHASE_KEEP - 1):  # passed: the frame was late, or lost
             if due - early - lead > now:
@@ -175,7 +174,7 @@ class Arrivals:
         sleep = int(due - early - lead) - now
         if sleep <= 0:  # due already: the next burst wakes us
             return None
-        return sleep, int(due + late)
+        return sleep, int(due + budget)
 
 
 def _median(xs: list[int] | list[float]) -> float:
