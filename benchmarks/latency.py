@@ -169,8 +169,9 @@ def latency(setup: str, count: int = 1000, interval: float = 0.01, devices: int 
             ) -> dict:
     """Percentiles over the replies that came back; a lost request is in sent, not received.
 
-    `devices` guests (each an icmpecho testpmd on its own NIC, one forwarder
-    for all, as an operator would run it) are pinged at the same time, and
+    `devices` guests (a port each of one icmpecho testpmd, each on its own
+    NIC, one forwarder for all, as an operator would run it) are pinged at
+    the same time, and
     the percentiles are over all their replies. `background_pps`: one more
     device whose (paced) guest sends that many 64 B frames a second to the
     wire meanwhile. `cpu_pct` is the forwarder's CPU (percent of one core,
@@ -191,7 +192,7 @@ def latency(setup: str, count: int = 1000, interval: float = 0.01, devices: int 
     with contextlib.ExitStack() as stack:
         topos = [stack.enter_context(topology()) for _ in range(n)]
         socks, pid = stack.enter_context(setups.serve_many(setup, topos))
-        ips = []
+        ips, vdevs = [], []
         for i, topo in enumerate(topos[:devices]):
             ip = topo.peer_ip.rsplit(".", 1)[0] + ".2"
             ips.append(ip)
@@ -201,23 +202,33 @@ def latency(setup: str, count: int = 1000, interval: float = 0.01, devices: int 
                           state=NUD_PERMANENT)
             # The port's MAC is the gateway device's: icmpecho answers ARP with it,
             # and echo replies leave from whatever MAC the request was sent to.
-            vdev = f"net_virtio_user0,path={socks[i]},queues=1,mac={setups.GUEST_MAC}"
-            guest = stack.enter_context(Testpmd(vdev=vdev, lcores=setups.lcores(
-                setups.SOURCE_CPU), args=["--forward-mode=icmpecho"]))
-            guest.wait_link_up(30)
-            # Guests (and the background pacer) share SOURCE_CPU, each polling:
-            # short slices make them take turns every ~300 us, not every ~1.4 ms;
-            # the pinger's, shorter still (100 us), lets the far host send on
-            # time, as it would from a machine of its own.
-            setups.short_slice(guest.proc.pid, GUEST_SLICE_NS)
-            guest.start()
+            vdevs.append(f"net_virtio_user{i},path={socks[i]},queues=1,mac={setups.GUEST_MAC}")
+        # One icmpecho testpmd for all the devices, one forwarding lcore
+        # polling every port (icmpecho answers on the port a request came
+        # in on): a testpmd per device made the guests take turns on CPU 1,
+        # each waiting out the other's slice, and the 2-device row measured
+        # that (ms for every setup alike), not the forwarders.
+        guest = stack.enter_context(Testpmd(
+            vdev=vdevs[0], eal_args=[a for v in vdevs[1:] for a in ("--vdev", v)],
+            lcores=setups.lcores(setups.SOURCE_CPU), args=["--forward-mode=icmpecho"]))
+        for port in range(devices):
+            guest.wait_link_up(30, port=port)
+        # The guest (polling) shares SOURCE_CPU with the pingers and the
+        # background pacer: a short slice makes it take turns every ~300 us,
+        # not every ~1.4 ms; the pinger's, shorter still (100 us), lets the
+        # far host send on time, as it would from a machine of its own.
+        setups.short_slice(guest.proc.pid, GUEST_SLICE_NS)
+        guest.start()
         bg = None
         if background_pps:
             g = stack.enter_context(PacedGuest(socks[-1], 64, dst_mac=BACKGROUND_DST,
                                                cpu=setups.SOURCE_CPU))
             seconds = count * interval + 5
+            # Asleep between its bursts: a pacer polling the clock on CPU 1
+            # took it from the icmpecho guest, and the row measured that.
             bg = threading.Thread(target=lambda: (setups.short_slice(0, GUEST_SLICE_NS),
-                                                  g.run(background_pps, seconds)), daemon=True)
+                                                  g.run(background_pps, seconds, sleep=True)),
+                                  daemon=True)
             bg.start()
             time.sleep(1.0)  # the load is running before the pings start
         fpid, tids = forwarder_threads(setup, pid)

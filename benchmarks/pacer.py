@@ -62,7 +62,7 @@ def _native():
     ffi.cdef(struct + """
         void pacer_init(struct pacer *p);
         int pacer_run(struct pacer *p, double rate, uint64_t count, uint32_t burst,
-                      uint64_t max_late_ns, uint64_t drain_ns, uint64_t *out);
+                      uint64_t max_late_ns, uint64_t drain_ns, int sleep, uint64_t *out);
     """)
     ffi.set_source("_gw_pacer", src, extra_compile_args=["-O2", "-Wall", "-Wextra"])
     tmp = tempfile.mkdtemp(prefix="gw-pacer-")
@@ -119,15 +119,15 @@ class TxRing:
     def kicks(self) -> int:
         return self._p.kicks
 
-    def run(self, rate: float, count: int, burst: int, max_late: float, drain: float
-            ) -> tuple[int, int, int, float]:
+    def run(self, rate: float, count: int, burst: int, max_late: float, drain: float,
+            sleep: bool = False) -> tuple[int, int, int, float]:
         """pacer_run: (sent, dropped, skipped, max lag in seconds); RuntimeError on a lie."""
         if rate <= 0 or burst < 1:
             raise ValueError(f"rate {rate} and burst {burst} must be positive")  # C would spin
         ffi, lib = _native()
         out = ffi.new("uint64_t[4]")
         rc = lib.pacer_run(self._p, rate, count, burst, int(max_late * 1e9), int(drain * 1e9),
-                           out)
+                           sleep, out)
         if rc:
             raise RuntimeError(f"TX ring broken: {_ERRORS.get(rc, rc)}")
         return out[0], out[1], out[2], out[3] / 1e9
@@ -180,21 +180,23 @@ class PacedGuest:
         if self._run(1e6, 1, self.timeout, self.timeout)[:2] != (1, 0) or self.tx.in_flight:
             raise RuntimeError(f"the back-end did not take a frame within {self.timeout} s")
 
-    def _run(self, rate: float, count: int, max_late: float, drain: float
-             ) -> tuple[int, int, int]:
+    def _run(self, rate: float, count: int, max_late: float, drain: float,
+             sleep: bool = False) -> tuple[int, int, int]:
         kicks = self.tx.kicks
         old = os.sched_getaffinity(0)
         if self.cpu is not None:
             os.sched_setaffinity(0, {self.cpu})  # this thread only: pid 0 is the caller
         try:
-            sent, dropped, skipped, lag = self.tx.run(rate, count, self.burst, max_late, drain)
+            sent, dropped, skipped, lag = self.tx.run(rate, count, self.burst, max_late, drain,
+                                                           sleep)
         finally:
             os.sched_setaffinity(0, old)
         self.last = {"kicks": self.tx.kicks - kicks, "skipped": skipped,
                      "max_lag_us": round(lag * 1e6, 1), "in_flight": self.tx.in_flight}
         return sent, dropped, skipped
 
-    def run(self, rate_pps: float, seconds: float, drain: float = 1.0) -> tuple[int, int, int]:
+    def run(self, rate_pps: float, seconds: float, drain: float = 1.0, sleep: bool = False
+            ) -> tuple[int, int, int]:
         """Offer rate_pps * seconds frames; returns (offered, sent, ring_full_drops).
 
         A burst this thread could not post until half a ring's worth of time
@@ -203,12 +205,14 @@ class PacedGuest:
         offered then falls short of rate * seconds by self.last["skipped"].
         Returns once the back-end gave back every frame or `drain` seconds
         passed (self.last["in_flight"] then says how many it still holds).
+        `sleep`: wait between bursts asleep (a background load beside
+        others on its CPU), not polling the clock (a rate search).
         """
         if rate_pps <= 0 or seconds <= 0:
             raise ValueError("rate and duration must be positive")
         count = max(1, round(rate_pps * seconds))
         max_late = self.tx.size / 2 / rate_pps
-        sent, dropped, skipped = self._run(rate_pps, count, max_late, drain)
+        sent, dropped, skipped = self._run(rate_pps, count, max_late, drain, sleep)
         return count - skipped, sent, dropped
 
     def close(self) -> None:

@@ -280,16 +280,33 @@ def test_idle_worker_wakes_ahead_once_then_stays_asleep(device):
     w.post(b"\xff" * 6 + bytes.fromhex(GUEST_MAC.replace(":", "")) + b"\x88\xb5" + bytes(46))
     keep = Arrivals.PHASE_KEEP
     until(lambda: w.early_wakes >= 1, "the worker never woke ahead of the predicted burst")
+    yields, given = w.port._pump.yields, device.stats()["rx_packets"]
     # nothing came: the next gaps are tried too (a late or lost frame), no more
     until(lambda: w.early_wakes == keep, "the worker did not try the following gaps")
     until(lambda: w.sleeps >= before + keep + 1, "the worker did not go back to sleep")
     assert w.early_hits == 0
+    # a window (~1 ms here) polls for a frame due now and never yields; only
+    # a frame that came meanwhile (the far host's multicast) spins after it
+    assert w.port._pump.yields == yields or device.stats()["rx_packets"] > given
     settled, given = w.sleeps, device.stats()["rx_packets"]
     time.sleep(0.3)  # an idle window: nothing to await, we count what happened in it
     # Every further wake-up is a frame for the guest (the far host's own IPv6
     # multicast reaches it through the flood tap), none an early one.
     assert w.early_wakes == keep
     assert w.sleeps - settled <= device.stats()["rx_packets"] - given
+
+
+def test_an_idle_spin_yields_the_cpu_but_a_predicted_window_does_not(device):
+    """Workers of several devices share a forwarder CPU: one spinning through
+    its quiet time after a frame lets the others run (sched_yield) once it has
+    been quiet GW_SPIN_YIELD_NS. A window polls for a frame due now: it never
+    yields, so the frame is not left waiting behind another worker's burst."""
+    w, _ = device.workers[0]
+    pump = w.port._pump
+    before = pump.yields
+    w.post(b"\xff" * 6 + bytes.fromhex(GUEST_MAC.replace(":", "")) + b"\x88\xb5" + bytes(46))
+    until(lambda: pump.yields > before, "the pump spun after a frame without yielding")
+    # the windows: test_idle_worker_wakes_ahead_once_then_stays_asleep
 
 
 def test_wake_ahead_can_be_switched_off(tmp_path):
