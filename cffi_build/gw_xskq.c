@@ -560,7 +560,6 @@ long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
 {
     uint64_t start = now_ns(), active = start, t;
     uint64_t quiet = p->first_wait_ns ? p->first_wait_ns : spin_ns;
-    int predicted = p->first_wait_ns != 0;  /* polling for a frame due now: never yield */
     long moved = 0;
 
     p->idle = 0;
@@ -605,15 +604,14 @@ long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
                 p->first_ns = t;
             active = t;
             quiet = spin_ns;            /* after a frame: the usual window */
-            predicted = 0;
         }
         else if (t - active >= quiet) {
             p->idle = 1;
             return moved;
         }
-        else if (!predicted && t - active >= GW_SPIN_YIELD_NS) {
-            p->yields++;
-            sched_yield();  /* another worker on this CPU may have a frame */
+        else if (moved >= GW_BURST && p->yield_ns && t - active >= p->yield_ns) {
+            p->yields++;        /* a loaded worker between bursts: another on */
+            sched_yield();      /* this CPU may have a frame */
         }
         else
             __builtin_ia32_pause();

@@ -116,13 +116,6 @@ unsigned gw_xsk_rx_waiting(struct xsk_ring_cons *rx);
    GW_PUMP_MAX_RX). Python fills it once when the worker starts. */
 #define GW_PUMP_MAX_RX 16
 
-/* A pump polling its rings with nothing moving for this long yields the CPU
-   between polls: workers of several devices share a forwarder CPU, and one
-   spinning through its quiet time kept another's frame waiting for its slice
-   (a ping beside a 0.13 Mpps load on another device: p99 743 us, measured).
-   A yield with nobody else runnable returns at once. */
-#define GW_SPIN_YIELD_NS 50000
-
 /* A pass that read more than GW_THROTTLE_WALK descriptors and more than
    GW_THROTTLE_PER_FRAME per frame it moved is a guest making us walk for
    nothing (issue 12): gw_pump_run returns at once with throttled set and the
@@ -152,6 +145,14 @@ struct gw_pump {
        idle; 0 = spin_ns. The worker sets it when it woke early, ahead of a
        frame its arrival history says is near (worker.py, `Arrivals`). */
     uint64_t first_wait_ns;
+    /* In: a run that moved a burst's worth (GW_BURST) and then nothing for
+       this long yields the CPU between polls (0: never). Workers of several
+       devices share a forwarder CPU, and a loaded one spinning between its
+       bursts kept another's frame waiting for the scheduler's tick. A sparse
+       worker (a ping, its answer due within the spin) never yields: that
+       delayed the answer behind the loaded worker's burst (p50 +70 us,
+       measured). A yield with nobody else runnable returns at once. */
+    uint64_t yield_ns;
     /* Out. */
     unsigned waiting;          /* frames left in the RX rings: the guest had no buffers */
     int broken;                /* 1: the TX ring broke, 2: the RX ring (vq->error says how) */

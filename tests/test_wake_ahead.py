@@ -17,7 +17,7 @@ import time
 import pytest
 from gateway._native import ffi, lib
 
-from gateway.datapath import worker
+from gateway.datapath import worker, xdp_port
 from gateway.datapath.worker import (
     DUTY,
     MAX_GAP_NS,
@@ -213,7 +213,8 @@ RAW_SEND = """
 import socket, sys
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind((sys.argv[1], 0))
-s.send(bytes.fromhex(sys.argv[2]))
+for _ in range(int(sys.argv[3]) if len(sys.argv) > 3 else 1):
+    s.send(bytes.fromhex(sys.argv[2]))
 """
 
 
@@ -228,6 +229,7 @@ def test_a_frame_from_the_wire_is_stamped_and_learned(device):
     until(lambda: w.arrivals.last != 0, "the worker never learned the arrival")
     assert before < w.arrivals.last <= lib.gw_now_ns()  # the pump's CLOCK_MONOTONIC stamp
     assert w.early_wakes == 0 and w.arrivals.gaps == []  # one arrival: nothing to predict
+    assert w.port._pump.yields == 0  # one frame: its spin waits for an answer, never yields
     # forwarded by the pump run in the sleep's own C call (gw_pump_sleep), not
     # after a return to Python
     assert w.pumped_wakes >= 1
@@ -296,17 +298,20 @@ def test_idle_worker_wakes_ahead_once_then_stays_asleep(device):
     assert w.sleeps - settled <= device.stats()["rx_packets"] - given
 
 
-def test_an_idle_spin_yields_the_cpu_but_a_predicted_window_does_not(device):
-    """Workers of several devices share a forwarder CPU: one spinning through
-    its quiet time after a frame lets the others run (sched_yield) once it has
-    been quiet GW_SPIN_YIELD_NS. A window polls for a frame due now: it never
-    yields, so the frame is not left waiting behind another worker's burst."""
+def test_a_loaded_spin_yields_the_cpu_a_sparse_one_does_not(device):
+    """Workers of several devices share a forwarder CPU: one that moved a
+    burst's worth and then spins through its quiet time lets the others run
+    (sched_yield) once quiet SPIN_YIELD_NS. One frame alone (a ping, whose
+    answer a yield would delay) and a window (a frame due now) never yield:
+    test_a_frame_from_the_wire_is_stamped_and_learned and
+    test_idle_worker_wakes_ahead_once_then_stays_asleep."""
     w, _ = device.workers[0]
-    pump = w.port._pump
-    before = pump.yields
-    w.post(b"\xff" * 6 + bytes.fromhex(GUEST_MAC.replace(":", "")) + b"\x88\xb5" + bytes(46))
-    until(lambda: pump.yields > before, "the pump spun after a frame without yielding")
-    # the windows: test_idle_worker_wakes_ahead_once_then_stays_asleep
+    assert w.port._pump.yield_ns == xdp_port.SPIN_YIELD_NS < xdp_port.SPIN_NS
+    frame = bytes.fromhex(GUEST_MAC.replace(":", "")) + bytes.fromhex("020000000001") \
+        + b"\x88\xb5" + b"load".ljust(46, b"\0")
+    device.topo.run(sys.executable, "-c", RAW_SEND, device.topo.peer, frame.hex(), "64")
+    until(lambda: device.stats()["rx_packets"] >= 64, "the frames never reached the guest")
+    until(lambda: w.port._pump.yields > 0, "the pump spun after a burst without yielding")
 
 
 def test_wake_ahead_can_be_switched_off(tmp_path):
