@@ -258,12 +258,13 @@ def latency(setup: str, count: int = 1000, interval: float = 0.01, devices: int 
     if not rtts:
         raise RuntimeError(f"{setup}: no echo reply out of {count * devices} requests")
     out = summary(rtts, count * devices)
-    out.update(cpu_pct=cpu, devices=devices, background_pps=background_pps)
+    out.update(cpu_pct=cpu, devices=devices, background_pps=background_pps, rtts_us=rtts)
     if devices > 1:
         out["per_device"] = [summary([r for _, r in rs], count) for rs in results if rs]
     if ab is not None:
         sides = split_ab([x for rs in results for x in rs], flips)
-        out["ab"] = {("on" if k else "off"): summary(v, len(v)) for k, v in sides.items() if v}
+        out["ab"] = {("on" if k else "off"): {**summary(v, len(v)), "rtts_us": v}
+                     for k, v in sides.items() if v}
     if setup.startswith("gateway"):
         out["workers"] = workers
     return out

@@ -556,7 +556,19 @@ int gw_poll(const int *fds, short *revents, unsigned n, int64_t timeout_ns)
     return r;
 }
 
-long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
+/* Pumps polling with nothing moving, per CPU: a pump that sees another one
+   polling on its CPU yields between polls (gw_pump.share_cpu). */
+#define GW_MAX_CPUS 1024
+static uint32_t pollers[GW_MAX_CPUS];
+
+void gw_pollers_pretend(int delta)
+{
+    for (unsigned i = 0; i < GW_MAX_CPUS; i++)
+        __atomic_add_fetch(&pollers[i], (uint32_t)delta, __ATOMIC_RELAXED);
+}
+
+static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
+                      uint32_t *poller, int *marked)
 {
     uint64_t start = now_ns(), active = start, t;
     uint64_t quiet = p->first_wait_ns ? p->first_wait_ns : spin_ns;
@@ -604,20 +616,41 @@ long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
                 p->first_ns = t;
             active = t;
             quiet = spin_ns;            /* after a frame: the usual window */
+            if (*marked) {
+                __atomic_sub_fetch(poller, 1, __ATOMIC_RELAXED);
+                *marked = 0;
+            }
         }
         else if (t - active >= quiet) {
             p->idle = 1;
             return moved;
         }
-        else if (moved >= GW_BURST && p->yield_ns && t - active >= p->yield_ns) {
-            p->yields++;        /* a loaded worker between bursts: another on */
-            sched_yield();      /* this CPU may have a frame */
+        else {
+            if (poller && !*marked) {
+                __atomic_add_fetch(poller, 1, __ATOMIC_RELAXED);
+                *marked = 1;
+            }
+            if (poller && __atomic_load_n(poller, __ATOMIC_RELAXED) > 1) {
+                p->yields++;            /* another pump polls on this CPU: its */
+                sched_yield();          /* frame may be there, ours is not */
+            }
+            else
+                __builtin_ia32_pause();
         }
-        else
-            __builtin_ia32_pause();
         if (t - start >= budget_ns)
             return moved;
     }
+}
+
+long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
+{
+    int cpu = sched_getcpu(), marked = 0;
+    uint32_t *poller = p->share_cpu && cpu >= 0 && cpu < GW_MAX_CPUS ? &pollers[cpu] : NULL;
+    long r = pump_loop(p, spin_ns, budget_ns, poller, &marked);
+
+    if (marked)
+        __atomic_sub_fetch(poller, 1, __ATOMIC_RELAXED);
+    return r;
 }
 
 int gw_pump_sleep(struct gw_pump *p, const int *fds, const uint8_t *flags, short *revents,

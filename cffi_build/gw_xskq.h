@@ -145,21 +145,20 @@ struct gw_pump {
        idle; 0 = spin_ns. The worker sets it when it woke early, ahead of a
        frame its arrival history says is near (worker.py, `Arrivals`). */
     uint64_t first_wait_ns;
-    /* In: a run that moved a burst's worth (GW_BURST) and then nothing for
-       this long yields the CPU between polls (0: never). Workers of several
-       devices share a forwarder CPU, and a loaded one spinning between its
-       bursts kept another's frame waiting for the scheduler's tick. A sparse
-       worker (a ping, its answer due within the spin) never yields: that
-       delayed the answer behind the loaded worker's burst (p50 +70 us,
-       measured). A yield with nobody else runnable returns at once. */
-    uint64_t yield_ns;
+    /* In: 1 = while this pump polls with nothing moving and another pump
+       does too on the same CPU, yield between polls. Workers of several
+       devices share a forwarder CPU, and two polling at once took turns only
+       at the scheduler's tick (4 ms here): one's frame waited for it. Only
+       other pumps count: a yield to any runnable task (a loaded worker's
+       burst, a kernel thread) delayed a ping's answer by 70 us at p50. */
+    int share_cpu;
     /* Out. */
     unsigned waiting;          /* frames left in the RX rings: the guest had no buffers */
     int broken;                /* 1: the TX ring broke, 2: the RX ring (vq->error says how) */
     int idle;                  /* the last return was for spin_ns without a frame */
     int throttled;             /* the last pass walked far more than it moved: sleep a little */
     uint64_t passes;           /* rounds over both directions, for profiles */
-    uint64_t yields;           /* idle polls that first let another thread on this CPU run */
+    uint64_t yields;           /* idle polls that first let another pump on this CPU run */
     uint64_t first_ns;         /* CLOCK_MONOTONIC when this run first moved a frame from
                                   the wire (an RX socket) to the guest, or 0: the guest's
                                   own frames follow the wire's or come with a kick */
@@ -169,6 +168,9 @@ struct gw_pump {
     int early;                 /* ... and it was the timer, ahead of a predicted burst */
     long moved;                /* ... what that run returned */
 };
+
+/* Tests: count delta more pumps polling on every CPU (share_cpu). */
+void gw_pollers_pretend(int delta);
 
 /* Moves bursts both ways, interrupting the guest as it asks, until nothing
    moved for spin_ns (then the caller sleeps on the kick fds), local frames

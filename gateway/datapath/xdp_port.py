@@ -41,12 +41,6 @@ VLAN_HLEN = 4
 # p99: measured 236/278 us at 50, 97/183 at 150, for 1 point of CPU more at
 # 100 pings/s).
 SPIN_NS = 150_000
-# A worker that moved a burst's worth and then nothing for this long yields
-# the CPU between polls (gw_pump.yield_ns): another device's worker on the
-# same CPU runs at once instead of at the next tick (a ping beside 0.13 Mpps
-# on another device, A/B within runs: p95/p99 435-600/966-1046 us without,
-# 170-315/326-529 with; a lone ping's figures unchanged).
-SPIN_YIELD_NS = 50_000
 BUDGET_NS = 20_000_000  # hand back to Python at least this often (stop, stats)
 _spin_ns = [SPIN_NS]
 
@@ -166,7 +160,7 @@ class XdpQueue:
             p.rx[i].u, p.rx[i].rx = qu.native, s.rx
             p.rx[i].held = self.port.nic.program.held(self.port.slot, s.queue)
         p.attention = self._attention
-        p.yield_ns = SPIN_YIELD_NS
+        p.share_cpu = 1  # two workers polling on one CPU take turns between polls
         return p
 
     def interrupt(self) -> None:
