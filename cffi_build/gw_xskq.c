@@ -556,15 +556,15 @@ int gw_poll(const int *fds, short *revents, unsigned n, int64_t timeout_ns)
     return r;
 }
 
-/* Pumps polling with nothing moving, per CPU: a pump that sees another one
-   polling on its CPU yields between polls (gw_pump.share_cpu). */
+/* Per CPU, 1 while a pump polls there with nothing moving (gw_pump.share_cpu):
+   the others on that CPU sleep instead of polling beside it. */
 #define GW_MAX_CPUS 1024
 static uint32_t pollers[GW_MAX_CPUS];
 
-void gw_pollers_pretend(int delta)
+void gw_pollers_pretend(int on)
 {
     for (unsigned i = 0; i < GW_MAX_CPUS; i++)
-        __atomic_add_fetch(&pollers[i], (uint32_t)delta, __ATOMIC_RELAXED);
+        __atomic_store_n(&pollers[i], on ? 1u : 0u, __ATOMIC_RELEASE);
 }
 
 static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
@@ -617,7 +617,7 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
             active = t;
             quiet = spin_ns;            /* after a frame: the usual window */
             if (*marked) {
-                __atomic_sub_fetch(poller, 1, __ATOMIC_RELAXED);
+                __atomic_store_n(poller, 0, __ATOMIC_RELEASE);
                 *marked = 0;
             }
         }
@@ -626,16 +626,17 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
             return moved;
         }
         else {
-            if (poller && !*marked) {
-                __atomic_add_fetch(poller, 1, __ATOMIC_RELAXED);
-                *marked = 1;
+            uint32_t none = 0;
+
+            if (poller && !*marked
+                && !__atomic_compare_exchange_n(poller, &none, 1, 0, __ATOMIC_ACQ_REL,
+                                                __ATOMIC_RELAXED)) {
+                p->handed++;            /* another pump polls here: the CPU is busy, */
+                p->idle = 1;            /* so a wake-up costs little; polling beside */
+                return moved;           /* it cost its frames a scheduler tick */
             }
-            if (poller && __atomic_load_n(poller, __ATOMIC_RELAXED) > 1) {
-                p->yields++;            /* another pump polls on this CPU: its */
-                sched_yield();          /* frame may be there, ours is not */
-            }
-            else
-                __builtin_ia32_pause();
+            *marked = poller != NULL;
+            __builtin_ia32_pause();
         }
         if (t - start >= budget_ns)
             return moved;
@@ -649,7 +650,7 @@ long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
     long r = pump_loop(p, spin_ns, budget_ns, poller, &marked);
 
     if (marked)
-        __atomic_sub_fetch(poller, 1, __ATOMIC_RELAXED);
+        __atomic_store_n(poller, 0, __ATOMIC_RELEASE);
     return r;
 }
 

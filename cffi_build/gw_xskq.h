@@ -145,12 +145,13 @@ struct gw_pump {
        idle; 0 = spin_ns. The worker sets it when it woke early, ahead of a
        frame its arrival history says is near (worker.py, `Arrivals`). */
     uint64_t first_wait_ns;
-    /* In: 1 = while this pump polls with nothing moving and another pump
-       does too on the same CPU, yield between polls. Workers of several
-       devices share a forwarder CPU, and two polling at once took turns only
-       at the scheduler's tick (4 ms here): one's frame waited for it. Only
-       other pumps count: a yield to any runnable task (a loaded worker's
-       burst, a kernel thread) delayed a ping's answer by 70 us at p50. */
+    /* In: 1 = one pump polls per CPU. A pump with nothing moving polls only if
+       no other pump polls on its CPU; else it returns idle and its worker
+       sleeps: the CPU is busy, so its wake-up is a cheap preemption, not a
+       halted vCPU's. Workers of several devices share a forwarder CPU, and
+       two polling at once took turns only at the scheduler's tick (4 ms
+       here). Yielding between polls instead pushed the yielder's EEVDF
+       deadline a slice per yield, and any other task then ran first. */
     int share_cpu;
     /* Out. */
     unsigned waiting;          /* frames left in the RX rings: the guest had no buffers */
@@ -158,7 +159,7 @@ struct gw_pump {
     int idle;                  /* the last return was for spin_ns without a frame */
     int throttled;             /* the last pass walked far more than it moved: sleep a little */
     uint64_t passes;           /* rounds over both directions, for profiles */
-    uint64_t yields;           /* idle polls that first let another pump on this CPU run */
+    uint64_t handed;           /* idle polls given up: another pump polled on this CPU */
     uint64_t first_ns;         /* CLOCK_MONOTONIC when this run first moved a frame from
                                   the wire (an RX socket) to the guest, or 0: the guest's
                                   own frames follow the wire's or come with a kick */
@@ -169,8 +170,8 @@ struct gw_pump {
     long moved;                /* ... what that run returned */
 };
 
-/* Tests: count delta more pumps polling on every CPU (share_cpu). */
-void gw_pollers_pretend(int delta);
+/* Tests: pretend (1) or not (0) that another pump polls on every CPU (share_cpu). */
+void gw_pollers_pretend(int on);
 
 /* Moves bursts both ways, interrupting the guest as it asks, until nothing
    moved for spin_ns (then the caller sleeps on the kick fds), local frames
