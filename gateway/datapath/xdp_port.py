@@ -160,7 +160,7 @@ class XdpQueue:
             p.rx[i].u, p.rx[i].rx = qu.native, s.rx
             p.rx[i].held = self.port.nic.program.held(self.port.slot, s.queue)
         p.attention = self._attention
-        p.share_cpu = 1  # two workers polling on one CPU take turns between polls
+        p.share_cpu = 1  # one pump polls per CPU: a second one hands over and sleeps
         return p
 
     def interrupt(self) -> None:
