@@ -124,13 +124,13 @@ void pacer_init(struct pacer *p) {
  * keep up. Frame k is due at k / rate; a burst that could only leave more
  * than max_late_ns after its time (this thread was not running) is skipped,
  * not offered, so the pacer's own stalls never count as the device's drops.
- * sleep: wait for a burst's time in clock_nanosleep rather than polling the
+ * doze: wait for a burst's time in clock_nanosleep rather than polling the
  * clock, for a background load that must leave its CPU to others (a timer
  * wake-up runs late by up to ~150 us on the test VM: fine when max_late is a
  * millisecond, not for a search of the highest rate).
  * out: [sent, dropped, skipped, max lag behind schedule in ns]. */
 int pacer_run(struct pacer *p, double rate, uint64_t count, uint32_t burst, uint64_t max_late_ns,
-              uint64_t drain_ns, int sleep, uint64_t *out) {
+              uint64_t drain_ns, int doze, uint64_t *out) {
     uint64_t k = 0, sent = 0, dropped = 0, skipped = 0, max_lag = 0;
     uint64_t t0 = now_ns();
     int rc = 0;
@@ -140,7 +140,7 @@ int pacer_run(struct pacer *p, double rate, uint64_t count, uint32_t burst, uint
         uint64_t t;
         /* Only the clock between bursts: polling used->idx here would bounce
          * its cache line with the device's CPU for nothing. */
-        if (sleep && (t = now_ns()) < due) {
+        if (doze && (t = now_ns()) < due) {
             struct timespec ts = {.tv_sec = (time_t)(due / 1000000000u),
                                   .tv_nsec = (long)(due % 1000000000u)};
             while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)

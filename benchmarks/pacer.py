@@ -62,7 +62,7 @@ def _native():
     ffi.cdef(struct + """
         void pacer_init(struct pacer *p);
         int pacer_run(struct pacer *p, double rate, uint64_t count, uint32_t burst,
-                      uint64_t max_late_ns, uint64_t drain_ns, int sleep, uint64_t *out);
+                      uint64_t max_late_ns, uint64_t drain_ns, int doze, uint64_t *out);
     """)
     ffi.set_source("_gw_pacer", src, extra_compile_args=["-O2", "-Wall", "-Wextra"])
     tmp = tempfile.mkdtemp(prefix="gw-pacer-")
