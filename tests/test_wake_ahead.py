@@ -209,6 +209,12 @@ def test_worker_is_named_with_short_slice_and_no_timer_slack(device):
         assert int(sched["se.slice"]) == worker.SLICE_NS
 
 
+def wire_frame(tag: bytes) -> bytes:
+    """A frame from the far host to the guest's MAC, an unassigned EtherType."""
+    return bytes.fromhex(GUEST_MAC.replace(":", "")) + bytes.fromhex("020000000001") \
+        + b"\x88\xb5" + tag.ljust(46, b"\0")
+
+
 RAW_SEND = """
 import socket, sys
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
@@ -221,9 +227,8 @@ def test_a_frame_from_the_wire_is_stamped_and_learned(device):
     w, _ = device.workers[0]
     assert w.arrivals.last == 0
     before = lib.gw_now_ns()
-    frame = bytes.fromhex(GUEST_MAC.replace(":", "")) + bytes.fromhex("020000000001") \
-        + b"\x88\xb5" + b"wake-ahead".ljust(46, b"\0")
-    device.topo.run(sys.executable, "-c", RAW_SEND, device.topo.peer, frame.hex())
+    device.topo.run(sys.executable, "-c", RAW_SEND, device.topo.peer,
+                    wire_frame(b"wake-ahead").hex())
     until(lambda: device.stats()["rx_packets"] >= 1, "the frame never reached the guest")
     until(lambda: w.arrivals.last != 0, "the worker never learned the arrival")
     assert before < w.arrivals.last <= lib.gw_now_ns()  # the pump's CLOCK_MONOTONIC stamp
@@ -305,10 +310,8 @@ def test_one_pump_polls_per_cpu(device):
     assert pump.share_cpu == 1
 
     def a_frame(tag: bytes) -> None:
-        frame = bytes.fromhex(GUEST_MAC.replace(":", "")) + bytes.fromhex("020000000001") \
-            + b"\x88\xb5" + tag.ljust(46, b"\0")
         given, slept = device.stats()["rx_packets"], w.sleeps
-        device.topo.run(sys.executable, "-c", RAW_SEND, device.topo.peer, frame.hex())
+        device.topo.run(sys.executable, "-c", RAW_SEND, device.topo.peer, wire_frame(tag).hex())
         until(lambda: device.stats()["rx_packets"] > given, "the frame never reached the guest")
         until(lambda: w.sleeps > slept, "the worker never went back to sleep")
 
