@@ -1,4 +1,5 @@
 /* Capture rings (contract in gw_capture.h). */
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -137,6 +138,12 @@ static int rec_ok(const struct gw_cap_view *v, uint64_t pos, uint64_t head,
     return (r->flags == GW_CAP_RX || r->flags == GW_CAP_TX)
            && r->caplen <= r->origlen && rec_bytes(r->caplen) == r->reclen;
 }
+
+/* gw_cap_write hands the ring to writev as pcap records: the header's last
+   16 bytes must be the pcap record header, the frame right after them. */
+_Static_assert(offsetof(struct gw_cap_rec, ts_sec) + 16 == sizeof(struct gw_cap_rec)
+               && offsetof(struct gw_cap_rec, origlen) == offsetof(struct gw_cap_rec, ts_sec) + 12,
+               "struct gw_cap_rec must end with the pcap record header");
 
 /* A record's pcap record (its header's last 16 bytes and the frame). */
 static const uint8_t *pcap_rec(const struct gw_cap_rec *r)
