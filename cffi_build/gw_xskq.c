@@ -560,6 +560,12 @@ int gw_poll(const int *fds, short *revents, unsigned n, int64_t timeout_ns)
    the others on that CPU sleep instead of polling beside it. */
 #define GW_MAX_CPUS 1024
 static uint32_t pollers[GW_MAX_CPUS];
+/* Per CPU, when a pump last handed over there (CLOCK_MONOTONIC ns): while
+   that is under GW_CONTENDED_NS old, a busy pump there yields every
+   GW_YIELD_NS (gw_pump.yield_busy). */
+static uint64_t contended[GW_MAX_CPUS];
+#define GW_CONTENDED_NS 1000000000ull
+#define GW_YIELD_NS 20000ull
 
 void gw_pollers_pretend(int on)
 {
@@ -567,10 +573,24 @@ void gw_pollers_pretend(int on)
         __atomic_store_n(&pollers[i], on ? 1u : 0u, __ATOMIC_RELEASE);
 }
 
-static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
-                      uint32_t *poller, int *marked)
+void gw_contended_pretend(int on)
 {
-    uint64_t start = now_ns(), active = start, t;
+    uint64_t t = on ? now_ns() : 0;
+
+    for (unsigned i = 0; i < GW_MAX_CPUS; i++)
+        __atomic_store_n(&contended[i], t, __ATOMIC_RELAXED);
+}
+
+struct gw_cpu_share {           /* pump_loop's view of its CPU (share_cpu) */
+    uint32_t *poller;           /* its pollers[] flag, or NULL */
+    uint64_t *contended;        /* its contended[] time */
+    int marked;                 /* this pump set the flag */
+};
+
+static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
+                      struct gw_cpu_share *s)
+{
+    uint64_t start = now_ns(), active = start, t, yielded = start;
     uint64_t quiet = p->first_wait_ns ? p->first_wait_ns : spin_ns;
     long moved = 0;
 
@@ -611,14 +631,20 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
         if ((p->local && p->local->n) || __atomic_exchange_n(p->attention, 0, __ATOMIC_ACQ_REL))
             return moved;
         t = now_ns();
+        if (p->yield_busy && moved >= GW_BURST && s->contended && t - yielded >= GW_YIELD_NS
+            && t - __atomic_load_n(s->contended, __ATOMIC_RELAXED) < GW_CONTENDED_NS) {
+            sched_yield();              /* a woken pump of this CPU runs now, not when */
+            p->yields++;                /* this one sleeps (yield_busy) */
+            yielded = t = now_ns();
+        }
         if (n || k) {
             if (k && !p->first_ns)      /* the wire's arrivals: what a worker predicts */
                 p->first_ns = t;
             active = t;
             quiet = spin_ns;            /* after a frame: the usual window */
-            if (*marked) {
-                __atomic_store_n(poller, 0, __ATOMIC_RELEASE);
-                *marked = 0;
+            if (s->marked) {
+                __atomic_store_n(s->poller, 0, __ATOMIC_RELEASE);
+                s->marked = 0;
             }
         }
         else if (t - active >= quiet) {
@@ -628,14 +654,15 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
         else {
             uint32_t none = 0;
 
-            if (poller && !*marked
-                && !__atomic_compare_exchange_n(poller, &none, 1, 0, __ATOMIC_ACQ_REL,
+            if (s->poller && !s->marked
+                && !__atomic_compare_exchange_n(s->poller, &none, 1, 0, __ATOMIC_ACQ_REL,
                                                 __ATOMIC_RELAXED)) {
                 p->handed++;            /* another pump polls here: the CPU is busy, */
                 p->idle = 1;            /* so a wake-up costs little; polling beside */
+                __atomic_store_n(s->contended, t, __ATOMIC_RELAXED);
                 return moved;           /* it cost its frames a scheduler tick */
             }
-            *marked = poller != NULL;
+            s->marked = s->poller != NULL;
             __builtin_ia32_pause();
         }
         if (t - start >= budget_ns)
@@ -645,12 +672,17 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
 
 long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
 {
-    int cpu = sched_getcpu(), marked = 0;
-    uint32_t *poller = p->share_cpu && cpu >= 0 && cpu < GW_MAX_CPUS ? &pollers[cpu] : NULL;
-    long r = pump_loop(p, spin_ns, budget_ns, poller, &marked);
+    int cpu = sched_getcpu();
+    struct gw_cpu_share s = { 0 };
+    long r;
 
-    if (marked)
-        __atomic_store_n(poller, 0, __ATOMIC_RELEASE);
+    if (p->share_cpu && cpu >= 0 && cpu < GW_MAX_CPUS) {
+        s.poller = &pollers[cpu];
+        s.contended = &contended[cpu];
+    }
+    r = pump_loop(p, spin_ns, budget_ns, &s);
+    if (s.marked)
+        __atomic_store_n(s.poller, 0, __ATOMIC_RELEASE);
     return r;
 }
 

@@ -172,7 +172,7 @@ def device(tmp_path):
     with wired_guest(str(tmp_path), GUEST_MAC, name="vm15", on_topology=_no_ipv6) as (
             topo, _port, dev, fe):
         fe.post_rx(64)
-        dev.topo = topo  # for tests that send from the far host
+        dev.topo, dev.fe = topo, fe  # for tests that send from the far host
         yield dev
 
 
@@ -323,6 +323,44 @@ def test_one_pump_polls_per_cpu(device):
         assert pump.handed > 0
     finally:
         lib.gw_pollers_pretend(0)
+
+
+RAW_BURST = """
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+for i in range(int(sys.argv[3])):
+    s.send(bytes.fromhex(sys.argv[2]) + i.to_bytes(2, "big"))
+"""
+
+
+def test_a_busy_pump_yields_only_while_its_cpu_is_shared(device):
+    """A pump moving a load yields its CPU every 20 us while pumps of its CPU
+    hand over (a woken one would otherwise wait until the busy one sleeps),
+    and never otherwise: a lone device loses nothing. The hand-over is
+    pretended on every CPU (gw_contended_pretend)."""
+    w, fe = device.workers[0], device.fe
+    until(lambda: w[0].port._pump is not None, "the worker never made its pump")
+    pump = w[0].port._pump
+    assert pump.yield_busy == 1
+    fe.post_rx(180)
+
+    def a_burst(n: int) -> None:
+        given, slept = device.stats()["rx_packets"], w[0].sleeps
+        device.topo.run(sys.executable, "-c", RAW_BURST, device.topo.peer,
+                        wire_frame(b"load").hex(), str(n))
+        until(lambda: device.stats()["rx_packets"] == given + n, "the burst never reached the guest")
+        until(lambda: w[0].sleeps > slept, "the worker never went back to sleep")
+
+    lib.gw_contended_pretend(0)
+    a_burst(100)
+    assert pump.yields == 0
+    lib.gw_contended_pretend(1)
+    try:
+        a_burst(100)
+        assert pump.yields > 0
+    finally:
+        lib.gw_contended_pretend(0)
 
 
 def test_wake_ahead_can_be_switched_off(tmp_path):

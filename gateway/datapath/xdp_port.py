@@ -161,6 +161,7 @@ class XdpQueue:
             p.rx[i].held = self.port.nic.program.held(self.port.slot, s.queue)
         p.attention = self._attention
         p.share_cpu = 1  # one pump polls per CPU: a second one hands over and sleeps
+        p.yield_busy = 1  # ... and, while they do, a pump moving a load yields every 20 us
         return p
 
     def interrupt(self) -> None:
