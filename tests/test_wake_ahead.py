@@ -349,7 +349,8 @@ def test_a_busy_pump_yields_only_while_its_cpu_is_shared(device):
         given, slept = device.stats()["rx_packets"], w[0].sleeps
         device.topo.run(sys.executable, "-c", RAW_BURST, device.topo.peer,
                         wire_frame(b"load").hex(), str(n))
-        until(lambda: device.stats()["rx_packets"] == given + n, "the burst never reached the guest")
+        until(lambda: device.stats()["rx_packets"] == given + n,
+              "the burst never reached the guest whole")
         until(lambda: w[0].sleeps > slept, "the worker never went back to sleep")
 
     lib.gw_contended_pretend(0)
