@@ -581,6 +581,18 @@ void gw_contended_pretend(int on)
         __atomic_store_n(&contended[i], t, __ATOMIC_RELAXED);
 }
 
+uint64_t gw_contended_last(void)
+{
+    uint64_t last = 0;
+
+    for (unsigned i = 0; i < GW_MAX_CPUS; i++) {
+        uint64_t t = __atomic_load_n(&contended[i], __ATOMIC_RELAXED);
+
+        last = t > last ? t : last;
+    }
+    return last;
+}
+
 struct gw_cpu_share {           /* pump_loop's view of its CPU (share_cpu) */
     uint32_t *poller;           /* its pollers[] flag, or NULL */
     uint64_t *contended;        /* its contended[] time */
@@ -626,6 +638,7 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
         walk = p->txq->walked_total + p->rxq->walked_total - walk0;
         if (walk > GW_THROTTLE_WALK && walk > GW_THROTTLE_PER_FRAME * (uint64_t)(n + k)) {
             p->throttled = 1;       /* the worker sleeps GW_THROTTLE_MS */
+            p->throttled_ns = now_ns();
             return moved;
         }
         if ((p->local && p->local->n) || __atomic_exchange_n(p->attention, 0, __ATOMIC_ACQ_REL))
@@ -659,7 +672,8 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
                                                 __ATOMIC_RELAXED)) {
                 p->handed++;            /* another pump polls here: the CPU is busy, */
                 p->idle = 1;            /* so a wake-up costs little; polling beside */
-                __atomic_store_n(s->contended, t, __ATOMIC_RELAXED);
+                if (moved && t - p->throttled_ns >= GW_CONTENDED_NS)
+                    __atomic_store_n(s->contended, t, __ATOMIC_RELAXED);
                 return moved;           /* it cost its frames a scheduler tick */
             }
             s->marked = s->poller != NULL;

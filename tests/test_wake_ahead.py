@@ -297,6 +297,16 @@ def test_idle_worker_wakes_ahead_once_then_stays_asleep(device):
     assert w.sleeps - settled <= device.stats()["rx_packets"] - given
 
 
+def a_frame(device, tag: bytes) -> None:
+    """One frame from the far host to the guest; back when it arrived and
+    the worker went back to sleep."""
+    w, _ = device.workers[0]
+    given, slept = device.stats()["rx_packets"], w.sleeps
+    device.topo.run(sys.executable, "-c", RAW_SEND, device.topo.peer, wire_frame(tag).hex())
+    until(lambda: device.stats()["rx_packets"] > given, "the frame never reached the guest")
+    until(lambda: w.sleeps > slept, "the worker never went back to sleep")
+
+
 def test_one_pump_polls_per_cpu(device):
     """Workers of several devices share a forwarder CPU: two polling at once
     took turns only at the scheduler's tick. A pump with nothing moving polls
@@ -309,17 +319,11 @@ def test_one_pump_polls_per_cpu(device):
     pump = w.port._pump
     assert pump.share_cpu == 1
 
-    def a_frame(tag: bytes) -> None:
-        given, slept = device.stats()["rx_packets"], w.sleeps
-        device.topo.run(sys.executable, "-c", RAW_SEND, device.topo.peer, wire_frame(tag).hex())
-        until(lambda: device.stats()["rx_packets"] > given, "the frame never reached the guest")
-        until(lambda: w.sleeps > slept, "the worker never went back to sleep")
-
-    a_frame(b"alone")  # it polls after the frame: nobody else does
+    a_frame(device, b"alone")  # it polls after the frame: nobody else does
     assert pump.handed == 0
     lib.gw_pollers_pretend(1)
     try:
-        a_frame(b"beside another")
+        a_frame(device, b"beside another")
         assert pump.handed > 0
     finally:
         lib.gw_pollers_pretend(0)
@@ -361,6 +365,32 @@ def test_a_busy_pump_yields_only_while_its_cpu_is_shared(device):
         a_burst(100)
         assert pump.yields > 0
     finally:
+        lib.gw_contended_pretend(0)
+
+
+def test_only_a_live_unthrottled_pump_marks_its_cpu_shared(device):
+    """A hand-over marks the CPU as shared (busy pumps there then yield) only
+    if the handing pump moved frames and was not throttled within the last
+    second: yielding to a guest that makes us walk for nothing would hand it
+    CPU time the healthy guests need."""
+    w, _ = device.workers[0]
+    until(lambda: w.port._pump is not None, "the worker never made its pump")
+    pump = w.port._pump
+
+    lib.gw_contended_pretend(0)
+    lib.gw_pollers_pretend(1)
+    try:
+        pump.throttled_ns = lib.gw_now_ns()  # as if its guest had just been throttled
+        handed = pump.handed
+        a_frame(device, b"throttled")
+        assert pump.handed > handed
+        assert lib.gw_contended_last() == 0
+        pump.throttled_ns = 0
+        before = lib.gw_now_ns()
+        a_frame(device, b"live")
+        assert lib.gw_contended_last() >= before
+    finally:
+        lib.gw_pollers_pretend(0)
         lib.gw_contended_pretend(0)
 
 
