@@ -80,6 +80,14 @@ def test_latency_runs_are_pooled_not_one_run_picked():
     assert all("rtts_us" not in r for r in rs)  # the samples do not go into the JSON twice
 
 
+def test_latency_rounds_alternate_their_order():
+    import bench
+
+    assert bench.rounds(["gw", "tp", "bp"], 3) == ["gw", "tp", "bp", "bp", "tp", "gw",
+                                                   "gw", "tp", "bp"]
+    assert bench.rounds(["gw"], 0) == []
+
+
 @pytest.mark.qemu
 def test_tcp_offload_measure_returns_both_settings():
     import tcp_offload
