@@ -644,12 +644,6 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
         if ((p->local && p->local->n) || __atomic_exchange_n(p->attention, 0, __ATOMIC_ACQ_REL))
             return moved;
         t = now_ns();
-        if (p->yield_busy && moved >= GW_BURST && s->contended && t - yielded >= GW_YIELD_NS
-            && t - __atomic_load_n(s->contended, __ATOMIC_RELAXED) < GW_CONTENDED_NS) {
-            sched_yield();              /* a woken pump of this CPU runs now, not when */
-            p->yields++;                /* this one sleeps (yield_busy) */
-            yielded = t = now_ns();
-        }
         if (n || k) {
             if (k && !p->first_ns)      /* the wire's arrivals: what a worker predicts */
                 p->first_ns = t;
@@ -678,6 +672,12 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
             }
             s->marked = s->poller != NULL;
             __builtin_ia32_pause();
+        }
+        if (p->yield_busy && moved >= GW_BURST && s->contended && t - yielded >= GW_YIELD_NS
+            && t - __atomic_load_n(s->contended, __ATOMIC_RELAXED) < GW_CONTENDED_NS) {
+            sched_yield();              /* a woken pump of this CPU runs now, not when */
+            p->yields++;                /* this one sleeps (yield_busy) */
+            yielded = t = now_ns();
         }
         if (t - start >= budget_ns)
             return moved;

@@ -155,9 +155,9 @@ struct gw_pump {
     int share_cpu;
     /* In: 1 = while pumps of this CPU hand over (share_cpu; one with frames
        moving and not throttled did within the last second), a run that
-       moved GW_BURST frames or more yields the CPU every GW_YIELD_NS (20 us). Without it a worker woken beside a busy
-       pump (a ping beside a load) waited until that pump slept, 200-3500 us
-       (perf sched_switch): EEVDF preempts at wake-up only if the woken task
+       moved GW_BURST frames or more yields the CPU every GW_YIELD_NS (20
+       us). Without it a worker woken beside a busy pump (a ping beside a
+       load) waited until that pump slept, 200-3500 us (perf sched_switch): EEVDF preempts at wake-up only if the woken task
        is eligible, and it was not, having polled its own windows, and no
        tick came meanwhile. A yield pushes the yielder's deadline a slice
        later, so only a pump moving a load yields, not one waiting for its

@@ -377,6 +377,7 @@ def test_only_a_live_unthrottled_pump_marks_its_cpu_shared(device):
     until(lambda: w.port._pump is not None, "the worker never made its pump")
     pump = w.port._pump
 
+    a_frame(device, b"first")  # the worker asleep: no run of its own holds the flag
     lib.gw_contended_pretend(0)
     lib.gw_pollers_pretend(1)
     try:
