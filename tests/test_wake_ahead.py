@@ -219,7 +219,8 @@ RAW_SEND = """
 import socket, sys
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind((sys.argv[1], 0))
-s.send(bytes.fromhex(sys.argv[2]))
+for i in range(int(sys.argv[3])):
+    s.send(bytes.fromhex(sys.argv[2]) + i.to_bytes(2, "big"))
 """
 
 
@@ -228,7 +229,7 @@ def test_a_frame_from_the_wire_is_stamped_and_learned(device):
     assert w.arrivals.last == 0
     before = lib.gw_now_ns()
     device.topo.run(sys.executable, "-c", RAW_SEND, device.topo.peer,
-                    wire_frame(b"wake-ahead").hex())
+                    wire_frame(b"wake-ahead").hex(), "1")
     until(lambda: device.stats()["rx_packets"] >= 1, "the frame never reached the guest")
     until(lambda: w.arrivals.last != 0, "the worker never learned the arrival")
     assert before < w.arrivals.last <= lib.gw_now_ns()  # the pump's CLOCK_MONOTONIC stamp
@@ -297,13 +298,14 @@ def test_idle_worker_wakes_ahead_once_then_stays_asleep(device):
     assert w.sleeps - settled <= device.stats()["rx_packets"] - given
 
 
-def a_frame(device, tag: bytes) -> None:
-    """One frame from the far host to the guest; back when it arrived and
-    the worker went back to sleep."""
+def a_frame(device, tag: bytes, n: int = 1) -> None:
+    """n frames from the far host to the guest, back to back; back when all
+    arrived and the worker went back to sleep."""
     w, _ = device.workers[0]
     given, slept = device.stats()["rx_packets"], w.sleeps
-    device.topo.run(sys.executable, "-c", RAW_SEND, device.topo.peer, wire_frame(tag).hex())
-    until(lambda: device.stats()["rx_packets"] > given, "the frame never reached the guest")
+    device.topo.run(sys.executable, "-c", RAW_SEND, device.topo.peer, wire_frame(tag).hex(),
+                    str(n))
+    until(lambda: device.stats()["rx_packets"] >= given + n, "frames never reached the guest")
     until(lambda: w.sleeps > slept, "the worker never went back to sleep")
 
 
@@ -329,40 +331,22 @@ def test_one_pump_polls_per_cpu(device):
         lib.gw_pollers_pretend(0)
 
 
-RAW_BURST = """
-import socket, sys
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-s.bind((sys.argv[1], 0))
-for i in range(int(sys.argv[3])):
-    s.send(bytes.fromhex(sys.argv[2]) + i.to_bytes(2, "big"))
-"""
-
-
 def test_a_busy_pump_yields_only_while_its_cpu_is_shared(device):
     """A pump moving a load yields its CPU every 20 us while pumps of its CPU
     hand over (a woken one would otherwise wait until the busy one sleeps),
     and never otherwise: a lone device loses nothing. The hand-over is
     pretended on every CPU (gw_contended_pretend)."""
-    w, fe = device.workers[0], device.fe
-    until(lambda: w[0].port._pump is not None, "the worker never made its pump")
-    pump = w[0].port._pump
+    w, _ = device.workers[0]
+    until(lambda: w.port._pump is not None, "the worker never made its pump")
+    pump = w.port._pump
     assert pump.yield_busy == 1
-    fe.post_rx(180)
-
-    def a_burst(n: int) -> None:
-        given, slept = device.stats()["rx_packets"], w[0].sleeps
-        device.topo.run(sys.executable, "-c", RAW_BURST, device.topo.peer,
-                        wire_frame(b"load").hex(), str(n))
-        until(lambda: device.stats()["rx_packets"] == given + n,
-              "the burst never reached the guest whole")
-        until(lambda: w[0].sleeps > slept, "the worker never went back to sleep")
-
+    device.fe.post_rx(180)
     lib.gw_contended_pretend(0)
-    a_burst(100)
+    a_frame(device, b"load", 100)
     assert pump.yields == 0
     lib.gw_contended_pretend(1)
     try:
-        a_burst(100)
+        a_frame(device, b"load", 100)
         assert pump.yields > 0
     finally:
         lib.gw_contended_pretend(0)
