@@ -386,9 +386,9 @@ def latency_variants(args, zero: list[dict]) -> dict:
 
 def pooled(rs: list[dict]) -> dict:
     """The runs' round trips as one sample, each run's p50/p99 alongside.
-    p99 of one 1000-ping run is its 10th worst, which one stalled moment of
+    p99 of one 500-ping run is its 5th worst, which one stalled moment of
     this shared host sets on its own (the median run's p99 swung 108-1112
-    us for testpmd within one bench); over 3 runs it is the 30th worst. The
+    us for testpmd within one bench); over 8 runs it is the 40th worst. The
     CPU is the runs' median."""
     from latency import summary
 
