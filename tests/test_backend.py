@@ -578,6 +578,30 @@ def test_guest_notification_off_means_no_kicks_and_polling(gw):
         dev.enable_guest_notification(2, False)
 
 
+def test_rx_kicks_are_asked_for_only_while_frames_wait_for_buffers(gw):
+    """A polling guest without EVENT_IDX kicks after every RX refill unless told
+    not to: a syscall in each frame's round trip that nothing needs until
+    frames wait for buffers."""
+    dev, port, path = gw.device()
+    with Frontend(path, want=vf.SUPPORTED_FEATURES & ~(1 << Net.RING_EVENT_IDX)) as fe:
+        fe.connect().setup()
+        gw.events.wait("new", "vm0")
+        rx = fe.rings[0]
+        frames = frames_of(15)
+        fe.post_rx(5)
+        port.queue(0).inject(frames[:5])
+        assert fe.receive(5) == frames[:5]
+        assert rx.used_flags & 1  # VRING_USED_F_NO_NOTIFY, set before the first pass
+        port.queue(0).inject(frames[5:])  # no buffers: these wait
+        deadline = time.monotonic() + TIMEOUT
+        while rx.used_flags & 1 and time.monotonic() < deadline:
+            time.sleep(0.001)  # a flag in guest memory, cleared as the worker sleeps
+        assert not rx.used_flags & 1
+        fe.post_rx(10)  # kicks (kick_needed): the waiting frames follow
+        assert fe.receive(10) == frames[5:]
+        assert rx.used_flags & 1  # and kicks are off again
+
+
 def test_registry_feature_rules():
     reg = Registry()
     with pytest.raises(ValueError, match="unsupported"):

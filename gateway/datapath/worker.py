@@ -248,6 +248,11 @@ class QueuePairWorker:
         if _cpus:
             os.sched_setaffinity(0, {_cpus[next(_turn) % len(_cpus)]})  # this thread only
         try:
+            # RX kicks only while frames wait for buffers (_sleep asks then):
+            # a polling guest (DPDK's virtio PMD, no EVENT_IDX) otherwise
+            # writes its RX kick eventfd on every refill, a syscall in each
+            # frame's round trip (virtio 1.2 2.7.10: the device may suppress).
+            self.rxq.set_notify(False)
             while not self._stop:
                 if not self._pass():
                     # a sleep whose pump run went idle again may go on sleeping
