@@ -388,6 +388,18 @@ int gw_vq_pending(struct gw_vq *vq)
     return n;
 }
 
+int gw_vq_peek(const struct gw_vq *vq)
+{
+    uint16_t last = __atomic_load_n(&vq->last_avail, __ATOMIC_RELAXED), idx;
+
+    if (__atomic_load_n(&vq->error, __ATOMIC_RELAXED) || !vq->avail || !vq->desc)
+        return 0;
+    if (vq->packed)     /* a position outside the ring is the owner's to refuse */
+        return last < vq->size && pk_avail(pk_flags_acquire(vq, last), vq->avail_wrap);
+    idx = __atomic_load_n((uint16_t *)(vq->avail + AVAIL_IDX), __ATOMIC_ACQUIRE);
+    return idx != last && !(vq->stalled && idx == vq->stall_idx);
+}
+
 /* ---- TX: guest -> us --------------------------------------------------- */
 
 int gw_vq_tx_burst(struct gw_vq *vq, uint8_t *base, const uint64_t *offs,

@@ -186,3 +186,9 @@ int gw_vq_log_write(struct gw_vq *vq, uint64_t gpa, uint64_t len);
 /* Number of avail entries not yet taken (0..size), -1 if broken. A packed
    ring says only whether a chain is waiting (0 or 1). */
 int gw_vq_pending(struct gw_vq *vq);
+
+/* 1 if the guest may have made a chain available that the ring's owner has
+   not taken, else 0: a hint for another thread (gw_xskq.c, pumps sharing a
+   CPU). It only reads, never fails the ring, and may be stale: the owner's
+   own pass checks everything it takes. */
+int gw_vq_peek(const struct gw_vq *vq);

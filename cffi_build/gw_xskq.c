@@ -593,9 +593,99 @@ uint64_t gw_contended_last(void)
     return last;
 }
 
+/* Per CPU, the pumps inside gw_pump_sleep or gw_pump_run there (share_cpu;
+   more than GW_CPU_PUMPS go unlisted and are only never given way to). The
+   lock makes a listed pump's rings safe to read from another thread: its
+   worker stays inside that call, and its rings mapped, until it has left
+   the list. */
+#define GW_CPU_PUMPS 16
+struct gw_cpu_pumps {
+    uint32_t lock;
+    uint32_t n;
+    struct gw_pump *p[GW_CPU_PUMPS];
+};
+static struct gw_cpu_pumps cpu_pumps[GW_MAX_CPUS];
+
+static void pumps_lock(struct gw_cpu_pumps *c)
+{
+    while (__atomic_exchange_n(&c->lock, 1, __ATOMIC_ACQUIRE))
+        sched_yield();          /* its holder may be preempted on this CPU */
+}
+
+static void pumps_unlock(struct gw_cpu_pumps *c)
+{
+    __atomic_store_n(&c->lock, 0, __ATOMIC_RELEASE);
+}
+
+/* List p on cpu: its slot, or -1 (not sharing, or the list is full). */
+static int pumps_join(struct gw_pump *p, int cpu)
+{
+    struct gw_cpu_pumps *c;
+    int slot = -1;
+
+    if (!p->share_cpu || cpu < 0 || cpu >= GW_MAX_CPUS)
+        return -1;
+    c = &cpu_pumps[cpu];
+    pumps_lock(c);
+    for (int i = 0; i < GW_CPU_PUMPS && slot < 0; i++)
+        if (!c->p[i]) {
+            c->p[i] = p;
+            __atomic_store_n(&c->n, c->n + 1, __ATOMIC_RELAXED);
+            slot = i;
+        }
+    pumps_unlock(c);
+    return slot;
+}
+
+static void pumps_leave(int cpu, int slot)
+{
+    struct gw_cpu_pumps *c;
+
+    if (slot < 0)
+        return;
+    c = &cpu_pumps[cpu];
+    pumps_lock(c);
+    c->p[slot] = NULL;
+    __atomic_store_n(&c->n, c->n - 1, __ATOMIC_RELAXED);
+    pumps_unlock(c);
+}
+
+/* 1 if q's rings hold work its worker is woken for: a frame in an RX socket
+   (unless frames wait there for guest buffers already: it sleeps on the
+   guest's RX kick then) or a chain on the guest's TX ring. Reads only. */
+static int has_work(const struct gw_pump *q)
+{
+    if (!__atomic_load_n(&q->waiting, __ATOMIC_RELAXED))
+        for (unsigned i = 0; i < q->nrx && i < GW_PUMP_MAX_RX; i++) {
+            const struct xsk_ring_cons *r = q->rx[i].rx;
+
+            if (__atomic_load_n(r->producer, __ATOMIC_ACQUIRE)
+                != __atomic_load_n(r->consumer, __ATOMIC_RELAXED))
+                return 1;
+        }
+    return gw_vq_peek(q->txq);
+}
+
+/* 1 if another pump listed on cpu has work (GW_CPU_PUMPS reads at most). A
+   list being changed now is looked at on a later pass. */
+static int others_have_work(const struct gw_pump *p, int cpu)
+{
+    struct gw_cpu_pumps *c = &cpu_pumps[cpu];
+    int found = 0;
+
+    if (__atomic_load_n(&c->n, __ATOMIC_RELAXED) < 2
+        || __atomic_exchange_n(&c->lock, 1, __ATOMIC_ACQUIRE))
+        return 0;
+    for (int i = 0; i < GW_CPU_PUMPS && !found; i++)
+        found = c->p[i] && c->p[i] != p && has_work(c->p[i]);
+    pumps_unlock(c);
+    return found;
+}
+
 struct gw_cpu_share {           /* pump_loop's view of its CPU (share_cpu) */
     uint32_t *poller;           /* its pollers[] flag, or NULL */
     uint64_t *contended;        /* its contended[] time */
+    int cpu;                    /* its index, when poller is set */
     int marked;                 /* this pump set the flag */
 };
 
@@ -671,7 +761,20 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
                 return moved;           /* it cost its frames a scheduler tick */
             }
             s->marked = s->poller != NULL;
-            __builtin_ia32_pause();
+            if (s->marked && p->give_way && t - yielded >= GW_YIELD_NS
+                && others_have_work(p, s->cpu)) {
+                __atomic_store_n(s->poller, 0, __ATOMIC_RELEASE);
+                s->marked = 0;          /* the flag is the woken pump's to take */
+                sched_yield();
+                p->gave_way++;
+                yielded = t = now_ns();
+                if (others_have_work(p, s->cpu)) {
+                    p->idle = 1;        /* it did not run (EEVDF found it not */
+                    return moved;       /* eligible): sleeping lets it */
+                }
+            }
+            else
+                __builtin_ia32_pause();
         }
         if (p->yield_busy && moved >= GW_BURST && s->contended && t - yielded >= GW_YIELD_NS
             && t - __atomic_load_n(s->contended, __ATOMIC_RELAXED) < GW_CONTENDED_NS) {
@@ -684,7 +787,7 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
     }
 }
 
-long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
+static long run_here(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
 {
     int cpu = sched_getcpu();
     struct gw_cpu_share s = { 0 };
@@ -693,6 +796,7 @@ long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
     if (p->share_cpu && cpu >= 0 && cpu < GW_MAX_CPUS) {
         s.poller = &pollers[cpu];
         s.contended = &contended[cpu];
+        s.cpu = cpu;
     }
     r = pump_loop(p, spin_ns, budget_ns, &s);
     if (s.marked)
@@ -700,9 +804,18 @@ long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
     return r;
 }
 
-int gw_pump_sleep(struct gw_pump *p, const int *fds, const uint8_t *flags, short *revents,
-                  unsigned n, int64_t timeout_ns, uint64_t poll_until_ns, uint64_t spin_ns,
-                  uint64_t budget_ns)
+long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
+{
+    int cpu = sched_getcpu(), slot = pumps_join(p, cpu);
+    long r = run_here(p, spin_ns, budget_ns);
+
+    pumps_leave(cpu, slot);
+    return r;
+}
+
+static int sleep_and_run(struct gw_pump *p, const int *fds, const uint8_t *flags,
+                         short *revents, unsigned n, int64_t timeout_ns,
+                         uint64_t poll_until_ns, uint64_t spin_ns, uint64_t budget_ns)
 {
     int r = gw_poll(fds, revents, n, timeout_ns);
     uint64_t v;
@@ -728,8 +841,20 @@ int gw_pump_sleep(struct gw_pump *p, const int *fds, const uint8_t *flags, short
        to sleep): one it sent during the run would only end the next sleep at
        once, for nothing. An error here shows in the run (vq->error). */
     gw_vq_set_notify(p->txq, 0);
-    p->moved = gw_pump_run(p, spin_ns, budget_ns);
+    p->moved = run_here(p, spin_ns, budget_ns);
     p->first_wait_ns = 0;
     p->pumped = 1;
+    return r;
+}
+
+int gw_pump_sleep(struct gw_pump *p, const int *fds, const uint8_t *flags, short *revents,
+                  unsigned n, int64_t timeout_ns, uint64_t poll_until_ns, uint64_t spin_ns,
+                  uint64_t budget_ns)
+{
+    int cpu = sched_getcpu(), slot = pumps_join(p, cpu);   /* asleep too: it may be woken */
+    int r = sleep_and_run(p, fds, flags, revents, n, timeout_ns, poll_until_ns, spin_ns,
+                          budget_ns);
+
+    pumps_leave(cpu, slot);
     return r;
 }

@@ -166,6 +166,15 @@ struct gw_pump {
        nothing cost the healthy guest beside it 8 % (noisy bench, wire->guest
        0.91-0.92 of alone, 0.99 without the yield, 1.04 with this rule). */
     int yield_busy;
+    /* In: 1 = a pump polling with nothing moving (it holds its CPU's poll
+       flag) gives way, at most every GW_YIELD_NS: it drops the flag and
+       yields when another pump of its CPU, inside gw_pump_sleep or
+       gw_pump_run, has work in its rings (a frame in an RX socket, a chain
+       on its guest's TX ring). That pump's worker was woken for it but could
+       not run: the poller is not preempted at a wake-up (see yield_busy), so
+       two devices pinged at once had one ping wait for the other's pump to
+       sleep, 150 us after that ping's answer. */
+    int give_way;
     /* Out. */
     unsigned waiting;          /* frames left in the RX rings: the guest had no buffers */
     int broken;                /* 1: the TX ring broke, 2: the RX ring (vq->error says how) */
@@ -174,6 +183,7 @@ struct gw_pump {
     uint64_t passes;           /* rounds over both directions, for profiles */
     uint64_t handed;           /* idle polls given up: another pump polled on this CPU */
     uint64_t yields;           /* sched_yield() calls (yield_busy) */
+    uint64_t gave_way;         /* sched_yield() calls for another pump's work (give_way) */
     uint64_t throttled_ns;     /* CLOCK_MONOTONIC of the last throttled return */
     uint64_t first_ns;         /* CLOCK_MONOTONIC when this run first moved a frame from
                                   the wire (an RX socket) to the guest, or 0: the guest's

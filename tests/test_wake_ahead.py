@@ -17,7 +17,7 @@ import time
 import pytest
 from gateway._native import ffi, lib
 
-from gateway.datapath import worker
+from gateway.datapath import worker, xdp_port
 from gateway.datapath.worker import (
     DUTY,
     MAX_GAP_NS,
@@ -209,9 +209,9 @@ def test_worker_is_named_with_short_slice_and_no_timer_slack(device):
         assert int(sched["se.slice"]) == worker.SLICE_NS
 
 
-def wire_frame(tag: bytes) -> bytes:
-    """A frame from the far host to the guest's MAC, an unassigned EtherType."""
-    return bytes.fromhex(GUEST_MAC.replace(":", "")) + bytes.fromhex("020000000001") \
+def wire_frame(tag: bytes, mac: str = GUEST_MAC) -> bytes:
+    """A frame from the far host to a guest's MAC, an unassigned EtherType."""
+    return bytes.fromhex(mac.replace(":", "")) + bytes.fromhex("020000000001") \
         + b"\x88\xb5" + tag.ljust(46, b"\0")
 
 
@@ -377,6 +377,38 @@ def test_only_a_live_unthrottled_pump_marks_its_cpu_shared(device):
     finally:
         lib.gw_pollers_pretend(0)
         lib.gw_contended_pretend(0)
+
+
+def test_a_polling_pump_gives_way_to_a_woken_pump_of_its_cpu(tmp_path):
+    """Two devices' workers on one CPU: A polls after its frame (1 s here),
+    holding the CPU's poll flag; B sleeps. A frame for B wakes B's worker,
+    which the scheduler does not run at once beside a poller (a ping waited
+    for the other ping's pump to sleep). A sees the frame in B's socket and
+    yields: B's frame arrives and A counts the give-way."""
+    b_mac = "52:54:00:aa:00:16"
+    worker.pin_workers([0])
+    xdp_port.set_busy_poll(1_000_000)
+    try:
+        with wired_guest(str(tmp_path), GUEST_MAC, name="vm15a", on_topology=_no_ipv6) as (
+                ta, _pa, a, fa), \
+             wired_guest(str(tmp_path), b_mac, name="vm15b", on_topology=_no_ipv6) as (
+                tb, _pb, b, fb):
+            fa.post_rx(8)
+            fb.post_rx(8)
+            wa, _ = a.workers[0]
+            until(lambda: wa.port._pump is not None, "A's worker never made its pump")
+            pump = wa.port._pump
+            assert pump.give_way == 1
+            ta.run(sys.executable, "-c", RAW_SEND, ta.peer, wire_frame(b"A").hex(), "1")
+            until(lambda: a.stats()["rx_packets"] >= 1, "A's frame never arrived")
+            assert pump.gave_way == 0  # nobody else had work
+            tb.run(sys.executable, "-c", RAW_SEND, tb.peer, wire_frame(b"B", b_mac).hex(), "1")
+            until(lambda: b.stats()["rx_packets"] >= 1, "B's frame never arrived")
+            assert pump.gave_way >= 1
+            assert fb.receive(1) == [wire_frame(b"B", b_mac) + (0).to_bytes(2, "big")]
+    finally:
+        xdp_port.set_busy_poll(xdp_port.SPIN_NS // 1000)
+        worker.pin_workers([])
 
 
 def test_wake_ahead_can_be_switched_off(tmp_path):

@@ -162,6 +162,7 @@ class XdpQueue:
         p.attention = self._attention
         p.share_cpu = 1  # one pump polls per CPU: a second one hands over and sleeps
         p.yield_busy = 1  # ... and, while they do, a pump moving a load yields every 20 us
+        p.give_way = 1  # ... and a polling one yields to one of them with work waiting
         return p
 
     def interrupt(self) -> None:
