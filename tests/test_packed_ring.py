@@ -342,6 +342,18 @@ def test_set_notify_flags():
     assert env.drv.kick_needed() is False              # nothing published since
 
 
+def test_peek_is_a_read_only_hint():
+    """gw_vq_peek on a packed ring: the descriptor at the owner's position
+    is available (in this wrap) or not; nothing is written."""
+    env = Env(size=4)
+    assert lib.gw_vq_peek(env.vq.native) == 0
+    env.drv.add_out([env.hdr() + frame(10)])
+    assert lib.gw_vq_peek(env.vq.native) == 1
+    assert len(tx_all(env)) == 1
+    assert lib.gw_vq_peek(env.vq.native) == 0
+    assert env.vq.native.error == 0
+
+
 def test_set_notify_event_desc_names_the_next_descriptor():
     env = Env(size=4, event_idx=True)
     send(env, 3)

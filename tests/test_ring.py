@@ -376,6 +376,23 @@ def test_set_notify_event_idx():
     assert env.vq.pending() == 2
 
 
+def test_peek_is_a_read_only_hint():
+    """gw_vq_peek: another thread's look at the ring (pumps sharing a CPU):
+    has the guest made a chain available that the owner has not taken? A
+    lie is left for the owner's own pass to find, never made an error here."""
+    env = Env()
+    assert lib.gw_vq_peek(env.vq.native) == 0
+    env.drv.add_out([env.hdr(), frame(10)])
+    assert lib.gw_vq_peek(env.vq.native) == 1
+    assert len(tx_all(env)) == 1
+    assert lib.gw_vq_peek(env.vq.native) == 0
+    env.drv.set_avail_idx(env.drv.avail_idx + 100)  # more than a 16-entry ring holds
+    assert lib.gw_vq_peek(env.vq.native) == 1
+    assert env.vq.native.error == 0
+    with pytest.raises(RingBroken):
+        env.vq.pending()
+
+
 def test_resume_from_ring_state():
     env = Env()
     send(env, 3)
