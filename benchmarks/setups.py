@@ -13,8 +13,11 @@ count, so figures compare like with like.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import itertools
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -68,8 +71,18 @@ def pinned(cpu: int) -> Iterator[None]:
         os.sched_setaffinity(0, old)
 
 
+_sock_dir: list[str] = []  # this process's directory for sockets, removed at exit
+_sock_n = itertools.count()
+
+
 def _sock(name: str) -> str:
-    return os.path.join(tempfile.mkdtemp(prefix="gw-bench-"), name)
+    """A fresh socket path (numbered: a setup's socket may outlive it) in one
+    directory per process, removed at exit: a directory per socket left
+    thousands behind in /tmp."""
+    if not _sock_dir:
+        _sock_dir.append(tempfile.mkdtemp(prefix="gw-bench-"))
+        atexit.register(shutil.rmtree, _sock_dir[0], True)
+    return os.path.join(_sock_dir[0], f"{next(_sock_n)}-{name}")
 
 
 def forwarder_cpus(queue_pairs: int) -> list[int]:
