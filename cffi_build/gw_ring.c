@@ -397,7 +397,7 @@ int gw_vq_peek(const struct gw_vq *vq)
     if (vq->packed)     /* a position outside the ring is the owner's to refuse */
         return last < vq->size && pk_avail(pk_flags_acquire(vq, last), vq->avail_wrap);
     idx = __atomic_load_n((uint16_t *)(vq->avail + AVAIL_IDX), __ATOMIC_ACQUIRE);
-    return idx != last && !(vq->stalled && idx == vq->stall_idx);
+    return idx != last;
 }
 
 /* ---- TX: guest -> us --------------------------------------------------- */

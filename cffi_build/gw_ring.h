@@ -189,6 +189,7 @@ int gw_vq_pending(struct gw_vq *vq);
 
 /* 1 if the guest may have made a chain available that the ring's owner has
    not taken, else 0: a hint for another thread (gw_xskq.c, pumps sharing a
-   CPU). It only reads, never fails the ring, and may be stale: the owner's
-   own pass checks everything it takes. */
+   CPU, on the guest's TX ring). It only reads, never fails the ring, and
+   may be stale; a stalled RX ring may say 1 for chains tried already. The
+   owner's own pass checks everything it takes. */
 int gw_vq_peek(const struct gw_vq *vq);

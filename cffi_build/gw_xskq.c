@@ -556,21 +556,32 @@ int gw_poll(const int *fds, short *revents, unsigned n, int64_t timeout_ns)
     return r;
 }
 
-/* Per CPU, 1 while a pump polls there with nothing moving (gw_pump.share_cpu):
-   the others on that CPU sleep instead of polling beside it. */
+/* What the pumps of one CPU share (gw_pump.share_cpu, yield_busy,
+   give_way). poller: 1 while a pump polls there with nothing moving, so the
+   others sleep instead of polling beside it. contended: when a pump last
+   handed over there (CLOCK_MONOTONIC ns); while that is under
+   GW_CONTENDED_NS old, a busy pump there yields every GW_YIELD_NS. p: the
+   pumps inside gw_pump_sleep or gw_pump_run there (more than GW_CPU_PUMPS go
+   unlisted and are only never given way to); lock makes a listed pump's
+   rings safe to read from another thread: its worker stays inside that
+   call, and its rings mapped, until it has left the list. */
 #define GW_MAX_CPUS 1024
-static uint32_t pollers[GW_MAX_CPUS];
-/* Per CPU, when a pump last handed over there (CLOCK_MONOTONIC ns): while
-   that is under GW_CONTENDED_NS old, a busy pump there yields every
-   GW_YIELD_NS (gw_pump.yield_busy). */
-static uint64_t contended[GW_MAX_CPUS];
+#define GW_CPU_PUMPS 16
 #define GW_CONTENDED_NS 1000000000ull
 #define GW_YIELD_NS 20000ull
+struct gw_cpu {
+    uint32_t poller;
+    uint64_t contended;
+    uint32_t lock;
+    uint32_t n;
+    struct gw_pump *p[GW_CPU_PUMPS];
+};
+static struct gw_cpu cpus[GW_MAX_CPUS];
 
 void gw_pollers_pretend(int on)
 {
     for (unsigned i = 0; i < GW_MAX_CPUS; i++)
-        __atomic_store_n(&pollers[i], on ? 1u : 0u, __ATOMIC_RELEASE);
+        __atomic_store_n(&cpus[i].poller, on ? 1u : 0u, __ATOMIC_RELEASE);
 }
 
 void gw_contended_pretend(int on)
@@ -578,7 +589,7 @@ void gw_contended_pretend(int on)
     uint64_t t = on ? now_ns() : 0;
 
     for (unsigned i = 0; i < GW_MAX_CPUS; i++)
-        __atomic_store_n(&contended[i], t, __ATOMIC_RELAXED);
+        __atomic_store_n(&cpus[i].contended, t, __ATOMIC_RELAXED);
 }
 
 uint64_t gw_contended_last(void)
@@ -586,46 +597,39 @@ uint64_t gw_contended_last(void)
     uint64_t last = 0;
 
     for (unsigned i = 0; i < GW_MAX_CPUS; i++) {
-        uint64_t t = __atomic_load_n(&contended[i], __ATOMIC_RELAXED);
+        uint64_t t = __atomic_load_n(&cpus[i].contended, __ATOMIC_RELAXED);
 
         last = t > last ? t : last;
     }
     return last;
 }
 
-/* Per CPU, the pumps inside gw_pump_sleep or gw_pump_run there (share_cpu;
-   more than GW_CPU_PUMPS go unlisted and are only never given way to). The
-   lock makes a listed pump's rings safe to read from another thread: its
-   worker stays inside that call, and its rings mapped, until it has left
-   the list. */
-#define GW_CPU_PUMPS 16
-struct gw_cpu_pumps {
-    uint32_t lock;
-    uint32_t n;
-    struct gw_pump *p[GW_CPU_PUMPS];
-};
-static struct gw_cpu_pumps cpu_pumps[GW_MAX_CPUS];
-
-static void pumps_lock(struct gw_cpu_pumps *c)
+static void pumps_lock(struct gw_cpu *c)
 {
     while (__atomic_exchange_n(&c->lock, 1, __ATOMIC_ACQUIRE))
         sched_yield();          /* its holder may be preempted on this CPU */
 }
 
-static void pumps_unlock(struct gw_cpu_pumps *c)
+static void pumps_unlock(struct gw_cpu *c)
 {
     __atomic_store_n(&c->lock, 0, __ATOMIC_RELEASE);
 }
 
-/* List p on cpu: its slot, or -1 (not sharing, or the list is full). */
-static int pumps_join(struct gw_pump *p, int cpu)
+/* The CPU a pump sharing it runs on, or NULL (not sharing, or unknown). */
+static struct gw_cpu *this_cpu(const struct gw_pump *p)
 {
-    struct gw_cpu_pumps *c;
+    int cpu = sched_getcpu();
+
+    return p->share_cpu && cpu >= 0 && cpu < GW_MAX_CPUS ? &cpus[cpu] : NULL;
+}
+
+/* List p on c: its slot, or -1 (c NULL, or the list is full). */
+static int pumps_join(struct gw_pump *p, struct gw_cpu *c)
+{
     int slot = -1;
 
-    if (!p->share_cpu || cpu < 0 || cpu >= GW_MAX_CPUS)
+    if (!c)
         return -1;
-    c = &cpu_pumps[cpu];
     pumps_lock(c);
     for (int i = 0; i < GW_CPU_PUMPS && slot < 0; i++)
         if (!c->p[i]) {
@@ -637,13 +641,10 @@ static int pumps_join(struct gw_pump *p, int cpu)
     return slot;
 }
 
-static void pumps_leave(int cpu, int slot)
+static void pumps_leave(struct gw_cpu *c, int slot)
 {
-    struct gw_cpu_pumps *c;
-
     if (slot < 0)
         return;
-    c = &cpu_pumps[cpu];
     pumps_lock(c);
     c->p[slot] = NULL;
     __atomic_store_n(&c->n, c->n - 1, __ATOMIC_RELAXED);
@@ -652,7 +653,8 @@ static void pumps_leave(int cpu, int slot)
 
 /* 1 if q's rings hold work its worker is woken for: a frame in an RX socket
    (unless frames wait there for guest buffers already: it sleeps on the
-   guest's RX kick then) or a chain on the guest's TX ring. Reads only. */
+   guest's RX kick then) or a chain on the guest's TX ring. Reads only:
+   gw_xsk_rx_waiting would move q's cached producer. */
 static int has_work(const struct gw_pump *q)
 {
     if (!__atomic_load_n(&q->waiting, __ATOMIC_RELAXED))
@@ -666,11 +668,10 @@ static int has_work(const struct gw_pump *q)
     return gw_vq_peek(q->txq);
 }
 
-/* 1 if another pump listed on cpu has work (GW_CPU_PUMPS reads at most). A
+/* 1 if another pump listed on c has work (GW_CPU_PUMPS reads at most). A
    list being changed now is looked at on a later pass. */
-static int others_have_work(const struct gw_pump *p, int cpu)
+static int others_have_work(const struct gw_pump *p, struct gw_cpu *c)
 {
-    struct gw_cpu_pumps *c = &cpu_pumps[cpu];
     int found = 0;
 
     if (__atomic_load_n(&c->n, __ATOMIC_RELAXED) < 2
@@ -682,15 +683,10 @@ static int others_have_work(const struct gw_pump *p, int cpu)
     return found;
 }
 
-struct gw_cpu_share {           /* pump_loop's view of its CPU (share_cpu) */
-    uint32_t *poller;           /* its pollers[] flag, or NULL */
-    uint64_t *contended;        /* its contended[] time */
-    int cpu;                    /* its index, when poller is set */
-    int marked;                 /* this pump set the flag */
-};
-
+/* c: the CPU's shared state (this_cpu), or NULL. marked: this pump set
+   c->poller; the caller clears it after. */
 static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
-                      struct gw_cpu_share *s)
+                      struct gw_cpu *c, int *marked)
 {
     uint64_t start = now_ns(), active = start, t, yielded = start;
     uint64_t quiet = p->first_wait_ns ? p->first_wait_ns : spin_ns;
@@ -739,9 +735,9 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
                 p->first_ns = t;
             active = t;
             quiet = spin_ns;            /* after a frame: the usual window */
-            if (s->marked) {
-                __atomic_store_n(s->poller, 0, __ATOMIC_RELEASE);
-                s->marked = 0;
+            if (*marked) {
+                __atomic_store_n(&c->poller, 0, __ATOMIC_RELEASE);
+                *marked = 0;
             }
         }
         else if (t - active >= quiet) {
@@ -751,24 +747,24 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
         else {
             uint32_t none = 0;
 
-            if (s->poller && !s->marked
-                && !__atomic_compare_exchange_n(s->poller, &none, 1, 0, __ATOMIC_ACQ_REL,
+            if (c && !*marked
+                && !__atomic_compare_exchange_n(&c->poller, &none, 1, 0, __ATOMIC_ACQ_REL,
                                                 __ATOMIC_RELAXED)) {
                 p->handed++;            /* another pump polls here: the CPU is busy, */
                 p->idle = 1;            /* so a wake-up costs little; polling beside */
                 if (moved && t - p->throttled_ns >= GW_CONTENDED_NS)
-                    __atomic_store_n(s->contended, t, __ATOMIC_RELAXED);
+                    __atomic_store_n(&c->contended, t, __ATOMIC_RELAXED);
                 return moved;           /* it cost its frames a scheduler tick */
             }
-            s->marked = s->poller != NULL;
-            if (s->marked && p->give_way && t - yielded >= GW_YIELD_NS
-                && others_have_work(p, s->cpu)) {
-                __atomic_store_n(s->poller, 0, __ATOMIC_RELEASE);
-                s->marked = 0;          /* the flag is the woken pump's to take */
+            *marked = c != NULL;
+            if (*marked && p->give_way && t - yielded >= GW_YIELD_NS
+                && others_have_work(p, c)) {
+                __atomic_store_n(&c->poller, 0, __ATOMIC_RELEASE);
+                *marked = 0;            /* the flag is the woken pump's to take */
                 sched_yield();
                 p->gave_way++;
                 yielded = t = now_ns();
-                if (others_have_work(p, s->cpu)) {
+                if (others_have_work(p, c)) {
                     p->idle = 1;        /* it did not run (EEVDF found it not */
                     return moved;       /* eligible): sleeping lets it */
                 }
@@ -776,8 +772,8 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
             else
                 __builtin_ia32_pause();
         }
-        if (p->yield_busy && moved >= GW_BURST && s->contended && t - yielded >= GW_YIELD_NS
-            && t - __atomic_load_n(s->contended, __ATOMIC_RELAXED) < GW_CONTENDED_NS) {
+        if (p->yield_busy && moved >= GW_BURST && c && t - yielded >= GW_YIELD_NS
+            && t - __atomic_load_n(&c->contended, __ATOMIC_RELAXED) < GW_CONTENDED_NS) {
             sched_yield();              /* a woken pump of this CPU runs now, not when */
             p->yields++;                /* this one sleeps (yield_busy) */
             yielded = t = now_ns();
@@ -789,27 +785,22 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
 
 static long run_here(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
 {
-    int cpu = sched_getcpu();
-    struct gw_cpu_share s = { 0 };
-    long r;
+    struct gw_cpu *c = this_cpu(p);
+    int marked = 0;
+    long r = pump_loop(p, spin_ns, budget_ns, c, &marked);
 
-    if (p->share_cpu && cpu >= 0 && cpu < GW_MAX_CPUS) {
-        s.poller = &pollers[cpu];
-        s.contended = &contended[cpu];
-        s.cpu = cpu;
-    }
-    r = pump_loop(p, spin_ns, budget_ns, &s);
-    if (s.marked)
-        __atomic_store_n(s.poller, 0, __ATOMIC_RELEASE);
+    if (marked)
+        __atomic_store_n(&c->poller, 0, __ATOMIC_RELEASE);
     return r;
 }
 
 long gw_pump_run(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns)
 {
-    int cpu = sched_getcpu(), slot = pumps_join(p, cpu);
+    struct gw_cpu *c = this_cpu(p);
+    int slot = pumps_join(p, c);
     long r = run_here(p, spin_ns, budget_ns);
 
-    pumps_leave(cpu, slot);
+    pumps_leave(c, slot);
     return r;
 }
 
@@ -851,10 +842,11 @@ int gw_pump_sleep(struct gw_pump *p, const int *fds, const uint8_t *flags, short
                   unsigned n, int64_t timeout_ns, uint64_t poll_until_ns, uint64_t spin_ns,
                   uint64_t budget_ns)
 {
-    int cpu = sched_getcpu(), slot = pumps_join(p, cpu);   /* asleep too: it may be woken */
+    struct gw_cpu *c = this_cpu(p);
+    int slot = pumps_join(p, c);    /* asleep too: it may be woken */
     int r = sleep_and_run(p, fds, flags, revents, n, timeout_ns, poll_until_ns, spin_ns,
                           budget_ns);
 
-    pumps_leave(cpu, slot);
+    pumps_leave(c, slot);
     return r;
 }
