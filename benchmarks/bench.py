@@ -342,15 +342,22 @@ def latency_variants(args, zero: list[dict]) -> dict:
     pinged at once, one device beside a background load of half this path's
     line rate (the lowest 64 B zero-loss rate of the run: what it carries
     with nothing lost) on another device of the same forwarder; and the
-    gateway with --busy-poll-us, and with wake-ahead switched on and off
-    every second of one run (its halves saw the same machine), to show what
-    each mechanism buys."""
+    gateway with --busy-poll-us, and three switches flipped every second of
+    one run (its halves saw the same machine, which a comparison of separate
+    runs on this host's slow and fast phases cannot promise): wake-ahead,
+    to show what it buys; --busy-poll-us, to show what sleeping costs; an
+    idle spinner on the worker's CPU (setups.IdleSpinner), to show what of
+    that is the halted vCPU's wake-up."""
     from latency import latency
 
     from gateway.datapath import worker
 
+    def busy_poll(on: bool) -> None:
+        set_busy_poll(BUSY_POLL_US if on else SPIN_NS // 1000)
+
     rates = [z["mpps"] for z in zero if z["size"] == 64 and z["mpps"]]
     bg = args.background_pps or 0.5 * 1e6 * (min(rates) if rates else 0.6)
+    spinner = setups.IdleSpinner(FORWARDER_CPU)
     runs: list[tuple[str, str, dict, Callable[[], None]]] = []
     for setup in (s for s in args.setups if s in EXTRA_SETUPS):
         runs += [(f"{setup}, 1 device", setup, {}, lambda: None),
@@ -361,22 +368,29 @@ def latency_variants(args, zero: list[dict]) -> dict:
         runs += [(f"gateway, --busy-poll-us {BUSY_POLL_US}", "gateway", {},
                   lambda: set_busy_poll(BUSY_POLL_US)),
                  ("gateway, wake-ahead on/off every second", "gateway",
-                  {"ab": setups.set_wake_ahead}, lambda: None)]
+                  {"ab": setups.set_wake_ahead}, lambda: None),
+                 (f"gateway, --busy-poll-us {BUSY_POLL_US} on/off every second", "gateway",
+                  {"ab": busy_poll}, lambda: None),
+                 ("gateway, an idle spinner on its CPU on/off every second", "gateway",
+                  {"ab": spinner}, lambda: None)]
     out: dict[str, list[dict]] = {}
-    for name, setup, kw, prepare in rounds(runs, args.latency_runs):
-        wait_quiet(args.quiet_wait)
-        prepare()
-        try:
-            out.setdefault(name, []).append(latency(setup, count=args.pings, **kw))
-        finally:
-            set_busy_poll(SPIN_NS // 1000)
-            worker.set_wake_ahead(True)
+    with spinner:
+        for name, setup, kw, prepare in rounds(runs, args.latency_runs):
+            wait_quiet(args.quiet_wait)
+            prepare()
+            try:
+                out.setdefault(name, []).append(latency(setup, count=args.pings, **kw))
+            finally:
+                set_busy_poll(SPIN_NS // 1000)
+                worker.set_wake_ahead(True)
+                if spinner.proc is not None:
+                    spinner(False)
     merged = {}
     for name, rs in out.items():
         r = merged[name] = pooled(rs)
         sides = {side for x in rs for side in x.get("ab", {})}
         for side in sorted(sides, reverse=True):  # the same runs' two halves
-            merged[f"  ... its wake-ahead {side} half"] = {
+            merged[f"{name}: its {side} halves"] = {
                 **pooled([x["ab"][side] for x in rs if side in x.get("ab", {})]),
                 "cpu_pct": r["cpu_pct"]}
         for x in rs:

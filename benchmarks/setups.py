@@ -18,6 +18,9 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -182,6 +185,40 @@ def set_wake_ahead(on: bool) -> None:
     for dev in _devices:
         for w, _ in dev.workers.values():
             w.wake_ahead = on
+
+
+class IdleSpinner:
+    """A process spinning at SCHED_IDLE on `cpu`, switched on and off
+    (`spinner(on)`, an A/B within one run: latency(ab=...)). While it spins
+    the CPU never goes idle, so the vCPU never halts between pings, but it
+    gives way at once to any other task, the gateway's worker first. Its on
+    and off halves tell what a halted vCPU's wake-up costs a ping from what
+    the gateway's own sleep does (a halted vCPU is the host's to wake: on a
+    loaded host that can take milliseconds)."""
+
+    _CODE = ("import os, sys; os.sched_setaffinity(0, {%d}); "
+             "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)); "
+             "print(flush=True); sys.stdout.close()\nwhile True: pass")
+
+    def __init__(self, cpu: int) -> None:
+        self.cpu = cpu
+        self.proc: subprocess.Popen | None = None
+
+    def __call__(self, on: bool) -> None:
+        if self.proc is None:
+            self.proc = subprocess.Popen([sys.executable, "-c", self._CODE % self.cpu],
+                                         stdout=subprocess.PIPE)
+            self.proc.stdout.readline()  # pinned and SCHED_IDLE before it spins
+        os.kill(self.proc.pid, signal.SIGCONT if on else signal.SIGSTOP)
+
+    def __enter__(self) -> IdleSpinner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
 
 
 def worker_counters() -> dict[str, int]:

@@ -97,3 +97,32 @@ def test_tcp_offload_measure_returns_both_settings():
     assert set(r) == {"offloads on", "offloads off"} and len(lines) == 2
     for m in r.values():
         assert m["guest_to_far_mbit"] > 0 and m["far_to_guest_mbit"] > 0 and m["runs"] == 1
+
+
+def test_idle_spinner_spins_only_when_on_at_idle_priority_and_is_reaped():
+    import os
+    import time
+
+    import setups
+
+    def state(pid: int, want: str) -> str:
+        """The process's state once it is `want`, or after 5 s (a signal's
+        delivery is not synchronous)."""
+        deadline = time.monotonic() + 5
+        while True:
+            s = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+            if s == want or time.monotonic() > deadline:
+                return s
+            time.sleep(0.01)
+
+    with setups.IdleSpinner(0) as spin:
+        spin(False)
+        pid = spin.proc.pid
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+        assert os.sched_getaffinity(pid) == {0}
+        assert state(pid, "T") == "T"  # stopped: the off half
+        spin(True)
+        assert state(pid, "R") == "R"
+        spin(False)
+        assert state(pid, "T") == "T"
+    assert spin.proc is None and not os.path.exists(f"/proc/{pid}")
