@@ -148,15 +148,16 @@ AB_BLOCK = 1.0  # seconds per block of an A/B run
 AB_EDGE = 0.05  # seconds around a switch whose pings count for neither side
 
 
-def split_ab(samples: list[tuple[int, float]], flips: list[tuple[int, bool]]
+def split_ab(samples: list[tuple[int, float]], flips: list[tuple[int, bool | None]]
              ) -> dict[bool, list[float]]:
     """RTTs by the switch's state when each ping left (flips: (time, state)
-    in order); pings within AB_EDGE of a flip are left out."""
+    in order; state None: a warm-up block, counted for neither side); pings
+    within AB_EDGE of a flip are left out."""
     out: dict[bool, list[float]] = {True: [], False: []}
     times = [t for t, _ in flips]
     for t0, rtt in samples:
         i = bisect.bisect_right(times, t0) - 1
-        if i < 0:
+        if i < 0 or flips[i][1] is None:
             continue
         near = min(abs(t0 - times[j]) for j in (i, i + 1) if j < len(times))
         if near >= AB_EDGE * 1e9:
@@ -177,7 +178,8 @@ def latency(setup: str, count: int = 1000, interval: float = 0.01, devices: int 
     wire meanwhile. `cpu_pct` is the forwarder's CPU (percent of one core,
     from schedstat) over the pinging. `ab`: a switch (e.g. the gateway's
     wake-ahead) turned on and off every AB_BLOCK seconds during the run; the
-    result's "ab" then has the percentiles of each side, which saw the same
+    result's "ab" then has the percentiles of each side (the first block a
+    warm-up of neither), which saw the same
     host at the same time, so their difference is the switch's, not the
     machine's mood (runs minutes apart on a shared host differ far more).
 
@@ -238,13 +240,16 @@ def latency(setup: str, count: int = 1000, interval: float = 0.01, devices: int 
             ping(topos[i], ips[i], count, interval))) for i in range(devices)]
         for t in pingers:
             t.start()
-        flips: list[tuple[int, bool]] = []
+        flips: list[tuple[int, bool | None]] = []
         if ab is not None:
-            state = True
+            # The first block warms up, switched on and counted for neither
+            # side: a run's first pings (the pinger starting, the worker
+            # learning the gaps) had made the on side's p99 alone.
+            state: bool | None = None
             while any(t.is_alive() for t in pingers):
-                ab(state)
+                ab(True if state is None else state)
                 flips.append((time.time_ns(), state))
-                state = not state
+                state = False if state is None else not state
                 for t in pingers:
                     t.join(AB_BLOCK / len(pingers))  # a block, or the run's end
             ab(True)

@@ -80,6 +80,16 @@ def test_latency_runs_are_pooled_not_one_run_picked():
     assert all("rtts_us" not in r for r in rs)  # the samples do not go into the JSON twice
 
 
+def test_ab_halves_leave_out_the_warm_up_block_and_the_switches():
+    """An A/B run's first block (the pinger starting, the worker learning)
+    counts for neither side, nor do pings within AB_EDGE of a switch."""
+    s = 10**9
+    flips = [(0, None), (1 * s, False), (2 * s, True), (3 * s, False)]
+    pings = [(int(0.5 * s), 900.0), (int(1.5 * s), 1.0), (int(2.5 * s), 2.0),
+             (int(3.5 * s), 3.0), (int(2 * s + 0.01 * s), 7.0), (-1, 8.0)]
+    assert latency.split_ab(pings, flips) == {False: [1.0, 3.0], True: [2.0]}
+
+
 def test_latency_rounds_alternate_their_order():
     import bench
 
