@@ -244,7 +244,8 @@ def latency(setup: str, count: int = 1000, interval: float = 0.01, devices: int 
         if ab is not None:
             # The first block warms up, switched on and counted for neither
             # side: a run's first pings (the pinger starting, the worker
-            # learning the gaps) had made the on side's p99 alone.
+            # learning the gaps) are no sample of either, and counted for
+            # the on side they may set its p99.
             state: bool | None = None
             while any(t.is_alive() for t in pingers):
                 ab(True if state is None else state)

@@ -192,9 +192,10 @@ class IdleSpinner:
     (`spinner(on)`, an A/B within one run: latency(ab=...)). While it spins
     the CPU never goes idle, so the vCPU never halts between pings, but it
     gives way at once to any other task, the gateway's worker first. Its on
-    and off halves tell what a halted vCPU's wake-up costs a ping from what
-    the gateway's own sleep does (a halted vCPU is the host's to wake: on a
-    loaded host that can take milliseconds)."""
+    and off halves tell what a halted vCPU's wake-up (the host's to do)
+    costs a ping from what the gateway's own sleep does; both halves share
+    the host's view of the vCPU over a second, so a vCPU idle for whole runs
+    can still fare worse (README, "The goal at one device")."""
 
     _CODE = ("import os, sys; os.sched_setaffinity(0, {%d}); "
              "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)); "
