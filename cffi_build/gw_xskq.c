@@ -558,20 +558,19 @@ int gw_poll(const int *fds, short *revents, unsigned n, int64_t timeout_ns)
 
 /* What the pumps of one CPU share (gw_pump.share_cpu, yield_busy,
    give_way). poller: 1 while a pump polls there with nothing moving, so the
-   others sleep instead of polling beside it. contended: when a pump last
-   handed over there (CLOCK_MONOTONIC ns); while that is under
-   GW_CONTENDED_NS old, a busy pump there yields every GW_YIELD_NS. p: the
-   pumps inside gw_pump_sleep or gw_pump_run there (more than GW_CPU_PUMPS go
-   unlisted and are only never given way to); lock makes a listed pump's
-   rings safe to read from another thread: its worker stays inside that
-   call, and its rings mapped, until it has left the list. */
+   others sleep instead of polling beside it. p: the pumps inside
+   gw_pump_sleep or gw_pump_run there (more than GW_CPU_PUMPS go unlisted
+   and are only never yielded to); lock makes a listed pump's rings safe to
+   read from another thread: its worker stays inside that call, and its
+   rings mapped, until it has left the list. A pump throttled within
+   GW_THROTTLED_NS is never yielded to: yielding to a guest that makes us
+   walk for nothing cost the healthy guest beside it 8 % (noisy bench). */
 #define GW_MAX_CPUS 1024
 #define GW_CPU_PUMPS 16
-#define GW_CONTENDED_NS 1000000000ull
+#define GW_THROTTLED_NS 1000000000ull
 #define GW_YIELD_NS 20000ull
 struct gw_cpu {
     uint32_t poller;
-    uint64_t contended;
     uint32_t lock;
     uint32_t n;
     struct gw_pump *p[GW_CPU_PUMPS];
@@ -584,24 +583,11 @@ void gw_pollers_pretend(int on)
         __atomic_store_n(&cpus[i].poller, on ? 1u : 0u, __ATOMIC_RELEASE);
 }
 
-void gw_contended_pretend(int on)
+static uint32_t work_pretended;
+
+void gw_work_pretend(int on)
 {
-    uint64_t t = on ? now_ns() : 0;
-
-    for (unsigned i = 0; i < GW_MAX_CPUS; i++)
-        __atomic_store_n(&cpus[i].contended, t, __ATOMIC_RELAXED);
-}
-
-uint64_t gw_contended_last(void)
-{
-    uint64_t last = 0;
-
-    for (unsigned i = 0; i < GW_MAX_CPUS; i++) {
-        uint64_t t = __atomic_load_n(&cpus[i].contended, __ATOMIC_RELAXED);
-
-        last = t > last ? t : last;
-    }
-    return last;
+    __atomic_store_n(&work_pretended, on ? 1u : 0u, __ATOMIC_RELEASE);
 }
 
 static void pumps_lock(struct gw_cpu *c)
@@ -653,10 +639,15 @@ static void pumps_leave(struct gw_cpu *c, int slot)
 
 /* 1 if q's rings hold work its worker is woken for: a frame in an RX socket
    (unless frames wait there for guest buffers already: it sleeps on the
-   guest's RX kick then) or a chain on the guest's TX ring. Reads only:
-   gw_xsk_rx_waiting would move q's cached producer. */
-static int has_work(const struct gw_pump *q)
+   guest's RX kick then) or a chain on the guest's TX ring; 0 if q was
+   throttled within GW_THROTTLED_NS. Reads only: gw_xsk_rx_waiting would
+   move q's cached producer. */
+static int has_work(const struct gw_pump *q, uint64_t now)
 {
+    uint64_t throttled = __atomic_load_n(&q->throttled_ns, __ATOMIC_RELAXED);
+
+    if (throttled && now < throttled + GW_THROTTLED_NS)
+        return 0;                   /* (also if stamped after our `now` was read) */
     if (!__atomic_load_n(&q->waiting, __ATOMIC_RELAXED))
         for (unsigned i = 0; i < q->nrx && i < GW_PUMP_MAX_RX; i++) {
             const struct xsk_ring_cons *r = q->rx[i].rx;
@@ -670,15 +661,17 @@ static int has_work(const struct gw_pump *q)
 
 /* 1 if another pump listed on c has work (GW_CPU_PUMPS reads at most). A
    list being changed now is looked at on a later pass. */
-static int others_have_work(const struct gw_pump *p, struct gw_cpu *c)
+static int others_have_work(const struct gw_pump *p, struct gw_cpu *c, uint64_t now)
 {
     int found = 0;
 
+    if (__atomic_load_n(&work_pretended, __ATOMIC_ACQUIRE))
+        return 1;
     if (__atomic_load_n(&c->n, __ATOMIC_RELAXED) < 2
         || __atomic_exchange_n(&c->lock, 1, __ATOMIC_ACQUIRE))
         return 0;
     for (int i = 0; i < GW_CPU_PUMPS && !found; i++)
-        found = c->p[i] && c->p[i] != p && has_work(c->p[i]);
+        found = c->p[i] && c->p[i] != p && has_work(c->p[i], now);
     pumps_unlock(c);
     return found;
 }
@@ -724,7 +717,7 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
         walk = p->txq->walked_total + p->rxq->walked_total - walk0;
         if (walk > GW_THROTTLE_WALK && walk > GW_THROTTLE_PER_FRAME * (uint64_t)(n + k)) {
             p->throttled = 1;       /* the worker sleeps GW_THROTTLE_MS */
-            p->throttled_ns = now_ns();
+            __atomic_store_n(&p->throttled_ns, now_ns(), __ATOMIC_RELAXED);
             return moved;
         }
         if ((p->local && p->local->n) || __atomic_exchange_n(p->attention, 0, __ATOMIC_ACQ_REL))
@@ -752,19 +745,17 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
                                                 __ATOMIC_RELAXED)) {
                 p->handed++;            /* another pump polls here: the CPU is busy, */
                 p->idle = 1;            /* so a wake-up costs little; polling beside */
-                if (moved && t - p->throttled_ns >= GW_CONTENDED_NS)
-                    __atomic_store_n(&c->contended, t, __ATOMIC_RELAXED);
                 return moved;           /* it cost its frames a scheduler tick */
             }
             *marked = c != NULL;
             if (*marked && p->give_way && t - yielded >= GW_YIELD_NS
-                && others_have_work(p, c)) {
+                && others_have_work(p, c, t)) {
                 __atomic_store_n(&c->poller, 0, __ATOMIC_RELEASE);
                 *marked = 0;            /* the flag is the woken pump's to take */
                 sched_yield();
                 p->gave_way++;
                 yielded = t = now_ns();
-                if (others_have_work(p, c)) {
+                if (others_have_work(p, c, t)) {
                     p->idle = 1;        /* it did not run (EEVDF found it not */
                     return moved;       /* eligible): sleeping lets it */
                 }
@@ -772,11 +763,12 @@ static long pump_loop(struct gw_pump *p, uint64_t spin_ns, uint64_t budget_ns,
             else
                 __builtin_ia32_pause();
         }
-        if (p->yield_busy && moved >= GW_BURST && c && t - yielded >= GW_YIELD_NS
-            && t - __atomic_load_n(&c->contended, __ATOMIC_RELAXED) < GW_CONTENDED_NS) {
-            sched_yield();              /* a woken pump of this CPU runs now, not when */
-            p->yields++;                /* this one sleeps (yield_busy) */
-            yielded = t = now_ns();
+        if (p->yield_busy && moved >= GW_BURST && c && t - yielded >= GW_YIELD_NS) {
+            if (others_have_work(p, c, t)) {
+                sched_yield();          /* a woken pump of this CPU runs now, not when */
+                p->yields++;            /* this one sleeps (yield_busy) */
+            }
+            yielded = t = now_ns();     /* looked at most every GW_YIELD_NS */
         }
         if (t - start >= budget_ns)
             return moved;

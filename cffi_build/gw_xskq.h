@@ -153,18 +153,24 @@ struct gw_pump {
        here). Yielding between polls instead pushed the yielder's EEVDF
        deadline a slice per yield, and any other task then ran first. */
     int share_cpu;
-    /* In: 1 = while pumps of this CPU hand over (share_cpu; one with frames
-       moving and not throttled did within the last second), a run that
-       moved GW_BURST frames or more yields the CPU every GW_YIELD_NS (20
-       us). Without it a worker woken beside a busy pump (a ping beside a
-       load) waited until that pump slept, 200-3500 us (perf sched_switch): EEVDF preempts at wake-up only if the woken task
-       is eligible, and it was not, having polled its own windows, and no
-       tick came meanwhile. A yield pushes the yielder's deadline a slice
-       later, so only a pump moving a load yields, not one waiting for its
-       next ping (yielding from both: +40 us at p50). A throttled pump's
-       hand-overs do not count: yielding to a guest that makes us walk for
-       nothing cost the healthy guest beside it 8 % (noisy bench, wire->guest
-       0.91-0.92 of alone, 0.99 without the yield, 1.04 with this rule). */
+    /* In: 1 = a run that moved GW_BURST frames or more looks every
+       GW_YIELD_NS (20 us) whether another pump of its CPU, inside
+       gw_pump_sleep or gw_pump_run and not throttled within the last
+       second, has work in its rings (as give_way does), and yields the CPU
+       if so. Without it a worker woken beside a busy pump (a ping beside a
+       load) waited until that pump slept, 200-3500 us (perf sched_switch):
+       EEVDF preempts at wake-up only if the woken task is eligible, and it
+       was not, having polled its own windows, and no tick came meanwhile.
+       A yield pushes the yielder's deadline a slice later, so only a pump
+       moving a load yields, not one waiting for its next ping (yielding
+       from both: +40 us at p50). Yielding every 20 us for a second after
+       any hand-over on the CPU instead (until 2026-12-04) made some 30 000
+       sched_yield calls a second beside a ping (this rule: 50-200 a run),
+       and the ping's p50/p95/p99 were 83/189/259 and 65/172/258 us pooled
+       against 72/168/263 and 61/149/242 (A/B every second, 4 and 6 runs of
+       1500 pings beside 0.13 Mpps). A throttled pump
+       is not yielded to: yielding to a guest that makes us walk for nothing
+       cost the healthy guest beside it 8 % (noisy bench). */
     int yield_busy;
     /* In: 1 = a pump polling with nothing moving (it holds its CPU's poll
        flag) gives way, at most every GW_YIELD_NS: it drops the flag and
@@ -184,7 +190,8 @@ struct gw_pump {
     uint64_t handed;           /* idle polls given up: another pump polled on this CPU */
     uint64_t yields;           /* sched_yield() calls (yield_busy) */
     uint64_t gave_way;         /* sched_yield() calls for another pump's work (give_way) */
-    uint64_t throttled_ns;     /* CLOCK_MONOTONIC of the last throttled return */
+    uint64_t throttled_ns;     /* CLOCK_MONOTONIC of the last throttled return (the
+                                  other pumps of its CPU read it) */
     uint64_t first_ns;         /* CLOCK_MONOTONIC when this run first moved a frame from
                                   the wire (an RX socket) to the guest, or 0: the guest's
                                   own frames follow the wire's or come with a kick */
@@ -197,11 +204,9 @@ struct gw_pump {
 
 /* Tests: pretend (1) or not (0) that another pump polls on every CPU (share_cpu). */
 void gw_pollers_pretend(int on);
-/* Tests: pretend that a pump handed over on every CPU just now (1), or
-   never (0) (yield_busy). */
-void gw_contended_pretend(int on);
-/* Tests: the latest hand-over time over all CPUs (0: none since pretended off). */
-uint64_t gw_contended_last(void);
+/* Tests: pretend (1) or not (0) that another pump of every CPU has work
+   (yield_busy, give_way). */
+void gw_work_pretend(int on);
 
 /* Moves bursts both ways, interrupting the guest as it asks, until nothing
    moved for spin_ns (then the caller sleeps on the kick fds), local frames
