@@ -165,12 +165,12 @@ struct gw_pump {
        moving a load yields, not one waiting for its next ping (yielding
        from both: +40 us at p50). Yielding every 20 us for a second after
        any hand-over on the CPU instead (until 2026-12-04) made some 30 000
-       sched_yield calls a second beside a ping (this rule: 50-200 a run),
-       and the ping's p50/p95/p99 were 83/189/259 and 65/172/258 us pooled
-       against 72/168/263 and 61/149/242 (A/B every second, 4 and 6 runs of
-       1500 pings beside 0.13 Mpps). A throttled pump
-       is not yielded to: yielding to a guest that makes us walk for nothing
-       cost the healthy guest beside it 8 % (noisy bench). */
+       sched_yield calls a second beside a ping (this rule: 47-179 in a
+       run's A/B halves), and the ping's p50/p95/p99 were 83/189/259 and
+       65/172/258 us pooled against 72/168/263 and 61/149/242 (A/B every
+       second, 4 and 6 runs of 1500 pings beside 0.13 Mpps). A throttled
+       pump is not yielded to: yielding to a guest that makes us walk for
+       nothing cost the healthy guest beside it 8 % (noisy bench). */
     int yield_busy;
     /* In: 1 = a pump polling with nothing moving (it holds its CPU's poll
        flag) gives way, at most every GW_YIELD_NS: it drops the flag and
